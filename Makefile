@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make generate` and `make test` (see README.md).
+# Pass script options with ARGS, e.g. `make train ARGS="--max_iters=200 --d_model=64"`.
+PYTHON := .venv/bin/python
+VENV := .venv/requirements.installed
+
+.PHONY: venv data generate train eval bench test
+
+# The venv is made once; a changed requirements.txt reinstalls (the stamp is a copy of it).
+$(VENV): requirements.txt
+	test -x $(PYTHON) || python3 -m venv .venv
+	$(PYTHON) -m pip install --disable-pip-version-check -q -r requirements.txt
+	cp requirements.txt $@
+
+venv: $(VENV)
+
+data: $(VENV)
+	$(PYTHON) data.py
+
+generate: $(VENV)
+	$(PYTHON) generate.py $(ARGS)
+
+train: $(VENV) data
+	$(PYTHON) train.py $(ARGS)
+
+eval: $(VENV) data
+	$(PYTHON) eval.py $(ARGS)
+
+bench: $(VENV)
+	$(PYTHON) bench.py $(ARGS)
+
+test: $(VENV) data
+	$(PYTHON) -m pytest -q $(ARGS)

@@ -1,0 +1,124 @@
+"""Self-contained params files: everything needed to sample from a run or to resume it.
+
+A file is a pickle of plain Python containers and numpy arrays only:
+  {"format": FORMAT, "params": {module: {name: array}}, "hparams": {...}, "vocab": str,
+   "meta": {...}, "opt_state": [array, ...] or None, "rng": array or None}
+The optimizer state is stored as its flat list of leaves (optax states are custom classes);
+the trainer rebuilds its structure from a fresh `optimizer.init`. Loading goes through a
+restricted unpickler that admits numpy's array reconstruction and nothing else, so a file
+from someone else cannot run code: pickle otherwise calls any global the file names.
+"""
+
+import io
+import pickle
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+import transformer
+from common import UserError, atomic_write
+
+FORMAT = "nanogpt-haiku/1"
+
+# The only globals a params file may name: how numpy pickles arrays and dtypes
+# (numpy >= 2 writes numpy._core, numpy 1.x wrote numpy.core; protocol 5 uses _frombuffer).
+_SAFE_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy.core.numeric", "_frombuffer"),
+}
+
+
+class CheckpointError(UserError):
+    """A params file that is missing, corrupt, unsafe or not ours."""
+
+
+class Checkpoint(NamedTuple):
+    params: dict                  # Haiku params: {module: {name: np.ndarray}}
+    hparams: transformer.HParams
+    vocab: str                    # the characters in id order
+    meta: dict                    # step, val_loss, min_val_loss, min_val_step, config, ...
+    opt_state: list | None        # optimizer state leaves, in jax.tree.leaves order
+    rng: np.ndarray | None        # the training PRNG key's data
+
+
+class _UnsafeGlobal(Exception):
+    pass
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _SAFE_GLOBALS:
+            raise _UnsafeGlobal(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def _to_numpy(tree):
+    """A pytree of jax/numpy arrays as plain dicts and lists of numpy arrays."""
+    if isinstance(tree, dict):
+        return {str(k): _to_numpy(v) for k, v in tree.items()}
+    return np.asarray(jax.device_get(tree))
+
+
+def save(path: str, *, params, hparams: transformer.HParams, vocab: str, meta: dict,
+         opt_state=None, rng=None) -> None:
+    """Writes a params file atomically (a crash mid-save leaves the previous file intact)."""
+    payload = {
+        "format": FORMAT,
+        "params": _to_numpy(params),
+        "hparams": hparams._asdict(),
+        "vocab": vocab,
+        "meta": meta,
+        "opt_state": (None if opt_state is None
+                      else [np.asarray(x) for x in jax.device_get(jax.tree.leaves(opt_state))]),
+        "rng": None if rng is None else np.asarray(jax.device_get(rng)),
+    }
+    atomic_write(path, pickle.dumps(payload, protocol=4))
+
+
+def _check_params(tree: Any, where: str, path: str) -> None:
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            _check_params(v, f"{where}/{k}", path)
+    elif not (isinstance(tree, np.ndarray) and tree.dtype.kind in "fiub"):
+        raise CheckpointError(f"{path!r} is not a valid params file: {where} is not a "
+                              f"numeric array.")
+
+
+def load(path: str) -> Checkpoint:
+    """Reads a params file written by `save`, refusing any pickle that names another global."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise CheckpointError(f"cannot read params file {path!r}: {e.strerror}.") from None
+    try:
+        payload = _RestrictedUnpickler(io.BytesIO(raw)).load()
+    except _UnsafeGlobal as e:
+        raise CheckpointError(
+            f"refusing to load {path!r}: unsafe pickle global {e}. Params files hold only "
+            "numpy arrays and plain Python values; this one would run code.") from None
+    except Exception as e:  # truncated or garbage bytes raise many different errors
+        raise CheckpointError(f"{path!r} is truncated or corrupt and cannot be loaded "
+                              f"({type(e).__name__}: {e}).") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path!r} is not a nanogpt-haiku params file (format "
+                              f"{FORMAT!r} expected).")
+    try:
+        hparams = transformer.validate(transformer.HParams(**payload["hparams"]))
+        params, vocab, meta = payload["params"], payload["vocab"], payload["meta"]
+        opt_state, rng = payload["opt_state"], payload["rng"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path!r} is not a valid params file ({e}).") from None
+    if not isinstance(vocab, str) or not vocab or not isinstance(meta, dict):
+        raise CheckpointError(f"{path!r} is not a valid params file (bad vocab or meta).")
+    _check_params(params, "params", path)
+    return Checkpoint(params, hparams, vocab, meta, opt_state, rng)
+
+
+def num_params(params) -> int:
+    return sum(int(np.size(x)) for x in jax.tree.leaves(params))

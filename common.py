@@ -1,0 +1,86 @@
+"""What the scripts share: user errors, `--name=value` overrides, atomic file writes."""
+
+import os
+import sys
+import tempfile
+import types
+import typing
+from typing import Any, Callable, NamedTuple, Sequence
+
+
+class UserError(Exception):
+    """Bad input from the user (config, files, text): scripts print it and exit 2."""
+
+
+def run_main(main: Callable[[Sequence[str]], Any]) -> None:
+    """Runs `main(argv)`; a UserError becomes a one-paragraph message and exit status 2."""
+    try:
+        status = main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(status or 0)
+
+
+def _parse_value(name: str, text: str, hint: Any) -> Any:
+    """Converts `text` to the type `hint` of field `name` (bool, int, float, str, or X | None)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        if text.lower() in ("none", ""):
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+    if hint is bool:
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise UserError(f"--{name}={text}: expected a bool (True or False).")
+    try:
+        return hint(text)
+    except ValueError:
+        raise UserError(f"--{name}={text}: expected {hint.__name__}.") from None
+
+
+def parse_overrides(argv: Sequence[str], *defaults: NamedTuple) -> tuple[NamedTuple, ...]:
+    """Applies `--name=value` arguments to the NamedTuples `defaults`; returns the new tuples.
+
+    Each value is converted to its field's annotated type; an unknown name, a missing `=`,
+    or a value of the wrong type raises UserError listing what is valid.
+    """
+    fields = {name: d for d in defaults for name in d._fields}
+    changes: dict[int, dict[str, Any]] = {id(d): {} for d in defaults}
+    for arg in argv:
+        name, eq, text = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not eq:
+            raise UserError(f"bad argument {arg!r}: expected --name=value.")
+        if name not in fields:
+            raise UserError(
+                f"unknown option --{name}. Valid names: {', '.join(sorted(fields))}.")
+        owner = fields[name]
+        hint = typing.get_type_hints(type(owner))[name]
+        changes[id(owner)][name] = _parse_value(name, text, hint)
+    return tuple(d._replace(**changes[id(d)]) for d in defaults)
+
+
+def format_config(config: NamedTuple) -> str:
+    return "\n".join(f"  {k} = {v!r}" for k, v in config._asdict().items())
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Writes `data` to `path` so that readers see the old file or the new one, never a part.
+
+    Temporary file in the same folder, flush, fsync, then os.replace (atomic on POSIX).
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,131 @@
+"""Evaluation and sampling config, loading a params file, and honest full-split losses.
+
+`python eval.py [--field=value ...]` prints one `name: value` line per metric for a params
+file: the mean cross-entropy over the whole validation split in fixed, non-overlapping
+EVAL_SEQ_LEN-character windows (every character after the first predicted exactly once), the
+same on as many windows spread over the training split, bits per character, size and step.
+"""
+
+import math
+import sys
+import time
+from typing import NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import checkpoint
+import data
+import transformer
+from common import UserError, format_config, parse_overrides, run_main
+
+DEFAULT_PARAMS = "params/params.shipped.pkl.min_val.pkl"
+EVAL_SEQ_LEN = 128  # the project's metric: windows of 128 characters, whatever max_seq_len
+
+
+class Config(NamedTuple):
+    params: str = DEFAULT_PARAMS             # params file to evaluate or sample from
+    prng_seed: int | None = None             # sampling seed; None: the current UNIX time
+    context_file: str = "eval_context.txt"   # text the samples continue (UTF-8)
+    num_chars: int | None = None             # characters to sample; None: until Ctrl-C
+    temperature: float = 1.0                 # divides the logits: < 1 sharper, > 1 flatter
+    top_k: int | None = None                 # sample among the k likeliest characters only
+    num_samples: int = 1                     # independent streams sampled together
+    source_file: str = data.CORPUS_FILE      # corpus for eval.py's losses
+    eval_batch_size: int = 32                # windows per jitted evaluation call
+
+
+CONFIG = Config()
+
+
+def load_params(path: str) -> checkpoint.Checkpoint:
+    """The checkpoint at `path`, with a pointer to training when the default is missing."""
+    try:
+        return checkpoint.load(path)
+    except checkpoint.CheckpointError:
+        if path == DEFAULT_PARAMS:
+            raise checkpoint.CheckpointError(
+                f"no params are shipped yet ({DEFAULT_PARAMS!r} is missing or unreadable). "
+                "Train a model with `make train` (or `python train.py`), then pass its file: "
+                "--params=params/params.<run hash>.pkl.min_val.pkl") from None
+        raise
+
+
+def make_window_loss(model: hk.Transformed):
+    """jitted (params, inputs, targets, weights) -> summed weighted cross-entropy (nats)."""
+
+    @jax.jit
+    def window_loss(params, inputs, targets, weights):
+        logits = model.apply(params, None, inputs, False)                    # [B, T, V]
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [B, T]
+        return jnp.sum(nll * weights)
+
+    return window_loss
+
+
+def batch_windows(windows: data.Windows, batch_size: int) -> list[data.Windows]:
+    """Device batches of exactly `batch_size` windows (the last padded with zero weight)."""
+    num = len(windows.inputs)
+    pad = -num % batch_size
+    padded = data.Windows(*(np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)])
+                            for a in windows))
+    return [data.Windows(*(jnp.asarray(a[i:i + batch_size]) for a in padded))
+            for i in range(0, num + pad, batch_size)]
+
+
+def mean_loss(window_loss, params, batches: list[data.Windows]) -> float:
+    """Mean nats per counted character over `batches` (one host sync, at the end)."""
+    total = sum(window_loss(params, *b) for b in batches)
+    count = sum(float(b.weights.sum()) for b in batches)
+    return float(total) / count
+
+
+def split_windows(ids: np.ndarray, seq_len: int) -> tuple[data.Windows, data.Windows]:
+    """(train, val) evaluation windows: the whole validation split, and as many windows
+    spread evenly over the training split."""
+    train_ids, val_ids = data.split(ids)
+    val = data.eval_windows(val_ids, seq_len)
+    every = max(1, (len(train_ids) - 1) // seq_len // len(val.inputs))
+    train = data.eval_windows(train_ids, seq_len, every)
+    return data.Windows(*(a[: len(val.inputs)] for a in train)), val
+
+
+def evaluate(ckpt: checkpoint.Checkpoint, config: Config) -> dict:
+    """The metrics that `python eval.py` prints."""
+    ids = data.encode(data.load_corpus(config.source_file), ckpt.vocab)
+    seq_len = min(EVAL_SEQ_LEN, ckpt.hparams.max_seq_len)
+    train, val = split_windows(ids, seq_len)
+    window_loss = make_window_loss(transformer.build(ckpt.hparams, len(ckpt.vocab)))
+    params = jax.device_put(ckpt.params)
+    val_loss = mean_loss(window_loss, params, batch_windows(val, config.eval_batch_size))
+    train_loss = mean_loss(window_loss, params, batch_windows(train, config.eval_batch_size))
+    return {
+        "val_loss": round(val_loss, 4),
+        "val_bpc": round(val_loss / math.log(2), 4),
+        "train_loss": round(train_loss, 4),
+        "train_bpc": round(train_loss / math.log(2), 4),
+        "params": checkpoint.num_params(ckpt.params),
+        "step": ckpt.meta.get("step"),
+        "eval_seq_len": seq_len,
+        "val_chars": int(val.weights.sum()),
+    }
+
+
+def main(argv) -> int:
+    (config,) = parse_overrides(argv, CONFIG)
+    if config.eval_batch_size < 1:
+        raise UserError(f"--eval_batch_size={config.eval_batch_size}: must be >= 1.")
+    ckpt = load_params(config.params)
+    print(f"# {config.params} on {jax.devices()}", file=sys.stderr)
+    start = time.time()
+    for name, value in evaluate(ckpt, config).items():
+        print(f"{name}: {value}")
+    print(f"# evaluated in {time.time() - start:.1f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

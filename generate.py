@@ -1,0 +1,195 @@
+"""Seeded character sampling with a KV cache: `python generate.py [--field=value ...]`.
+
+The model sees exactly what a plain windowed sampler shows it: the last max_seq_len characters.
+While the text fits the window, each new character costs one cached step (one position through
+the model, keys and values of earlier positions kept). Once the window is full, every new
+character shifts all positions by one, and with absolute positions no cached key or value stays
+valid (each depends on its position and, past the first layer, on the window it saw), so the
+window is re-prefilled: one full pass over max_seq_len characters per character. Both paths
+live in one jitted scan over a chunk of characters, with static shapes.
+
+Character i of a stream is drawn with the key fold_in(key, i), so the text depends only on the
+seed, the params and the context, not on the chunk size or on the cache.
+"""
+
+import sys
+import time
+from typing import Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import checkpoint
+import data
+import transformer
+from common import UserError, parse_overrides, run_main
+from eval import CONFIG, load_params
+
+CHUNK = 16  # characters per jitted call: fewer dispatches, still streams smoothly
+
+
+def sample_logits(key: jax.Array, logits: jax.Array, temperature: float,
+                  top_k: int | None) -> jax.Array:
+    """One character id per row of logits [B, V], drawn after temperature and top-k."""
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_largest = jax.lax.top_k(logits, top_k)[0][:, -1:]           # [B, 1]
+        logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)  # [B]
+
+
+class SamplerState(NamedTuple):
+    window: jax.Array   # [B, S] int32: the last `length` characters, left-aligned
+    length: jax.Array   # [] int32: characters in the window, 1..S
+    cache: tuple        # KVCache per attention block, valid for positions < length
+    logits: jax.Array   # [B, V] for the next character
+
+
+class Sampler:
+    """Jitted prefill and chunked sampling for one model and one sampling rule."""
+
+    def __init__(self, hparams: transformer.HParams, vocab_size: int,
+                 temperature: float = 1.0, top_k: int | None = None, chunk: int = CHUNK):
+        self.hp, self.chunk = hparams, chunk
+        self.model = transformer.build_cached(hparams, vocab_size)
+        self.temperature, self.top_k = temperature, top_k
+        self.prefill = jax.jit(self._forward)
+        self.sample_chunk = jax.jit(self._sample_chunk)
+
+    def _forward(self, params, window, cache, length):
+        """Full pass over the window [B, S]: logits at position length-1, cache of all."""
+        logits, cache = self.model.apply(params, None, window, cache, 0)  # [B, S, V]
+        return jax.lax.dynamic_index_in_dim(logits, length - 1, 1, keepdims=False), cache
+
+    def _step(self, params, state: SamplerState, key: jax.Array):
+        S = self.hp.max_seq_len
+        token = sample_logits(key, state.logits, self.temperature, self.top_k)  # [B]
+
+        def cached(state):  # one new position through the model
+            logits, cache = self.model.apply(params, None, token[:, None], state.cache,
+                                             state.length)                      # [B, 1, V]
+            window = jax.lax.dynamic_update_slice(state.window, token[:, None],
+                                                  (0, state.length))
+            return SamplerState(window, state.length + 1, cache, logits[:, 0])
+
+        def slide(state):  # the window is full: drop its first character, re-prefill
+            window = jnp.concatenate([state.window[:, 1:], token[:, None]], axis=1)  # [B, S]
+            logits, cache = self._forward(params, window, state.cache, S)
+            return SamplerState(window, state.length, cache, logits)
+
+        return jax.lax.cond(state.length < S, cached, slide, state), token
+
+    def _sample_chunk(self, params, state: SamplerState, key: jax.Array, first: jax.Array):
+        """Characters first..first+chunk-1 of the stream: (state, tokens [B, chunk])."""
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(self.chunk))
+        state, tokens = jax.lax.scan(lambda s, k: self._step(params, s, k), state, keys)
+        return state, tokens.T
+
+    def start(self, params, context_ids: np.ndarray, num_samples: int) -> SamplerState:
+        """The state after reading the context's last max_seq_len ids (at least one)."""
+        S = self.hp.max_seq_len
+        context_ids = np.asarray(context_ids, np.int32)[-S:]
+        assert len(context_ids) >= 1, "the context needs at least one character"
+        window = np.zeros((num_samples, S), np.int32)
+        window[:, : len(context_ids)] = context_ids
+        length = jnp.int32(len(context_ids))
+        cache = transformer.init_cache(self.hp, num_samples)
+        logits, cache = self.prefill(params, jnp.asarray(window), cache, length)
+        return SamplerState(jnp.asarray(window), length, cache, logits)
+
+    def stream(self, params, context_ids: np.ndarray, key: jax.Array,
+               num_samples: int = 1) -> Iterator[np.ndarray]:
+        """Yields chunks of sampled ids [num_samples, chunk], forever; the next chunk is
+        already dispatched while the caller handles this one."""
+        state = self.start(params, context_ids, num_samples)
+        first = 0
+        state, tokens = self.sample_chunk(params, state, key, jnp.int32(first))
+        while True:
+            first += self.chunk
+            state, next_tokens = self.sample_chunk(params, state, key, jnp.int32(first))
+            yield np.asarray(tokens)
+            tokens = next_tokens
+
+
+def sample(params, hparams, vocab_size, context_ids, key, num_chars, temperature=1.0,
+           top_k=None, num_samples=1) -> np.ndarray:
+    """num_chars sampled ids per stream [num_samples, num_chars] (for tests and Aim)."""
+    sampler = Sampler(hparams, vocab_size, temperature, top_k)
+    chunks, total = [], 0
+    for chunk in sampler.stream(params, context_ids, key, num_samples):
+        chunks.append(chunk)
+        total += chunk.shape[1]
+        if total >= num_chars:
+            return np.concatenate(chunks, axis=1)[:, :num_chars]
+
+
+def read_context(path: str, vocab: str) -> tuple[str, np.ndarray]:
+    """The context text and its ids; an empty context starts from a newline."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read context file {path!r}: {e}.") from None
+    text = text or "\n"
+    try:
+        return text, data.encode(text, vocab)
+    except UserError as e:
+        raise UserError(f"context file {path!r}: {e} Remove them or use another "
+                        "--context_file.") from None
+
+
+def check_sampling_config(config) -> None:
+    if not config.temperature > 0:
+        raise UserError(f"--temperature={config.temperature}: must be > 0.")
+    if config.top_k is not None and config.top_k < 1:
+        raise UserError(f"--top_k={config.top_k}: must be >= 1 (or None for no limit).")
+    if config.num_chars is not None and config.num_chars < 0:
+        raise UserError(f"--num_chars={config.num_chars}: must be >= 0 (or None).")
+    if config.num_samples < 1:
+        raise UserError(f"--num_samples={config.num_samples}: must be >= 1.")
+    if config.num_samples > 1 and config.num_chars is None:
+        raise UserError("--num_samples > 1 prints each sample when it is complete, so it "
+                        "needs --num_chars.")
+
+
+def main(argv) -> int:
+    (config,) = parse_overrides(argv, CONFIG)
+    check_sampling_config(config)
+    seed = int(time.time()) if config.prng_seed is None else config.prng_seed
+    ckpt = load_params(config.params)
+    context, context_ids = read_context(config.context_file, ckpt.vocab)
+    print(f"# devices {jax.devices()} | run {ckpt.meta.get('run_hash')} | seed {seed} | "
+          f"{checkpoint.num_params(ckpt.params):,} params", file=sys.stderr)
+    sampler = Sampler(ckpt.hparams, len(ckpt.vocab), config.temperature, config.top_k)
+    params = jax.device_put(ckpt.params)
+    key = jax.random.PRNGKey(seed)
+    try:
+        if config.num_samples == 1:
+            sys.stdout.write(context)
+            sys.stdout.flush()
+            written = 0
+            for chunk in sampler.stream(params, context_ids, key):
+                take = chunk.shape[1] if config.num_chars is None else min(
+                    chunk.shape[1], config.num_chars - written)
+                sys.stdout.write(data.decode(chunk[0, :take], ckpt.vocab))
+                sys.stdout.flush()
+                written += take
+                if written == config.num_chars:
+                    break
+        else:
+            ids = sample(params, ckpt.hparams, len(ckpt.vocab), context_ids, key,
+                         config.num_chars, config.temperature, config.top_k,
+                         config.num_samples)
+            for i, row in enumerate(ids):
+                sys.stdout.write(f"--- sample {i + 1} ---\n{context}"
+                                 f"{data.decode(row, ckpt.vocab)}\n")
+        sys.stdout.write("\n")
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

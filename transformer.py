@@ -1,0 +1,239 @@
+"""A pre-norm character Transformer in Haiku, with an optional causal encoder and a KV cache.
+
+Shapes, as in the comments below:
+  B  batch                  T  query positions (time)       S  key positions
+  D  d_model                H  heads                         K  key size (D / H)
+  F  d_ff                   V  vocabulary size               N  layers
+
+One model, three ways to call it (same parameters, same module names):
+  build(hp, V).apply(params, rng, tokens, is_training)          -> logits         (train, eval)
+  build_cached(hp, V).apply(params, None, tokens, cache, start) -> logits, cache  (sampling)
+The cached form writes the keys and values of positions start..start+T-1 into `cache` and lets
+each query attend to every cached position <= its own, so a prefill (start=0, T tokens) followed
+by one-token steps gives the same logits as one full forward pass.
+"""
+
+import math
+from typing import NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class HParams(NamedTuple):
+    max_seq_len: int = 128      # context window in characters: positions 0..max_seq_len-1
+    d_model: int = 384          # width of the residual stream (D)
+    h: int = 6                  # attention heads (H); d_model must be divisible by h
+    d_ff: int = 1536            # hidden width of the feed-forward block (F), 4 * d_model
+    decoder_N: int = 6          # decoder layers: causal self-attention + feed-forward
+    encoder_N: int = 1          # encoder layers, used only when use_encoder (<= decoder_N)
+    use_encoder: bool = False   # decoder layer i < encoder_N cross-attends to encoder layer i
+    dropout: float = 0.2        # one rate for embeddings, attention weights and branch outputs
+    positions: str = "learned"  # "learned" embeddings or fixed "sinusoidal" encodings
+
+
+HPARAMS = HParams()
+
+
+def validate(hp: HParams) -> HParams:
+    """Raises ValueError naming the first invalid field; returns `hp` unchanged."""
+    for field in ("max_seq_len", "d_model", "h", "d_ff", "decoder_N", "encoder_N"):
+        value = getattr(hp, field)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"HParams.{field}={value!r}: must be an integer >= 1.")
+    if hp.d_model % hp.h:
+        raise ValueError(f"HParams.d_model={hp.d_model} must be divisible by h={hp.h}.")
+    if not 0.0 <= hp.dropout < 1.0:
+        raise ValueError(f"HParams.dropout={hp.dropout!r}: must be in [0, 1).")
+    if hp.use_encoder and hp.encoder_N > hp.decoder_N:
+        raise ValueError(
+            f"HParams.encoder_N={hp.encoder_N}: each encoder layer feeds the decoder layer of "
+            f"the same index, so it must be <= decoder_N={hp.decoder_N}.")
+    if hp.positions not in ("learned", "sinusoidal"):
+        raise ValueError(f"HParams.positions={hp.positions!r}: 'learned' or 'sinusoidal'.")
+    return hp
+
+
+def param_count(hp: HParams, vocab_size: int) -> int:
+    """Number of parameters, by formula (tests check it against the initialized model)."""
+    D, F, V, S = hp.d_model, hp.d_ff, vocab_size, hp.max_seq_len
+    layer_norm = 2 * D
+    attention = layer_norm + 4 * (D * D + D)          # LN, then q, k, v, out projections
+    feed_forward = layer_norm + D * F + F + F * D + D  # LN, then D -> F -> D
+    num_encoder = hp.encoder_N if hp.use_encoder else 0
+    return (V * D + (S * D if hp.positions == "learned" else 0)     # embeddings
+            + hp.decoder_N * (attention + feed_forward)
+            + num_encoder * (attention + feed_forward)              # encoder layers
+            + num_encoder * attention                               # cross-attention blocks
+            + layer_norm + D * V + V)                               # final LN, unembedding
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every position seen so far, for one attention block."""
+    k: jax.Array  # [B, S, H, K]
+    v: jax.Array  # [B, S, H, K]
+
+
+def init_cache(hp: HParams, batch_size: int, dtype=jnp.float32) -> tuple[KVCache, ...]:
+    """Empty caches for every attention block, in the order the model uses them."""
+    num_encoder = hp.encoder_N if hp.use_encoder else 0
+    num_blocks = num_encoder + hp.decoder_N + num_encoder  # encoder self, decoder self, cross
+    shape = (batch_size, hp.max_seq_len, hp.h, hp.d_model // hp.h)
+    return tuple(KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+                 for _ in range(num_blocks))
+
+
+def _layer_norm(name: str) -> hk.LayerNorm:
+    return hk.LayerNorm(axis=-1, create_scale=True, create_offset=True, name=name)
+
+
+def _dropout(x: jax.Array, rate: float, is_training: bool) -> jax.Array:
+    return hk.dropout(hk.next_rng_key(), rate, x) if is_training and rate > 0 else x
+
+
+class Attention(hk.Module):
+    """Multi-head attention of queries from `x` over keys and values from `memory`.
+
+    Causal by position: the query at position p sees keys at positions <= p. Self-attention
+    passes memory=x; cross-attention passes the encoder output at the same positions.
+    """
+
+    def __init__(self, hp: HParams, name: str):
+        super().__init__(name=name)
+        self.num_heads, self.key_size = hp.h, hp.d_model // hp.h
+        self.dropout = hp.dropout
+
+    def __call__(self, x: jax.Array, memory: jax.Array, positions: jax.Array,
+                 is_training: bool, cache: KVCache | None = None):
+        B, T, D = x.shape
+        H, K = self.num_heads, self.key_size
+        q = hk.Linear(H * K, name="query")(x).reshape(B, T, H, K)       # [B, T, H, K]
+        k = hk.Linear(H * K, name="key")(memory).reshape(B, T, H, K)    # [B, T, H, K]
+        v = hk.Linear(H * K, name="value")(memory).reshape(B, T, H, K)  # [B, T, H, K]
+        if cache is not None:  # write this call's positions, attend over all S cached ones
+            start = (0, positions[0], 0, 0)
+            k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
+            v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
+            cache = KVCache(k, v)                                       # [B, S, H, K]
+        key_positions = jnp.arange(k.shape[1])
+        mask = key_positions[None, :] <= positions[:, None]             # [T, S]
+        if is_training and self.dropout > 0:
+            # Dropout on the attention weights needs them explicitly: no fused kernel.
+            logits = jnp.einsum("bthk,bshk->bhts", q, k) / math.sqrt(K)  # [B, H, T, S]
+            logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+            weights = _dropout(jax.nn.softmax(logits), self.dropout, is_training)
+            out = jnp.einsum("bhts,bshk->bthk", weights, v)               # [B, T, H, K]
+        else:
+            out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
+                                               mask=mask[None, None])  # [B, T, H, K]
+        out = hk.Linear(D, name="out")(out.reshape(B, T, H * K))        # [B, T, D]
+        return _dropout(out, self.dropout, is_training), cache
+
+
+def _feed_forward(x: jax.Array, hp: HParams, is_training: bool) -> jax.Array:
+    h = jax.nn.relu(hk.Linear(hp.d_ff, name="ff_in")(x))  # [B, T, F]
+    return _dropout(hk.Linear(hp.d_model, name="ff_out")(h), hp.dropout, is_training)
+
+
+class Layer(hk.Module):
+    """Pre-norm layer: x + SelfAttention(LN(x)) [+ CrossAttention(LN(x), memory)] + FF(LN(x))."""
+
+    def __init__(self, hp: HParams, name: str):
+        super().__init__(name=name)
+        self.hp = hp
+
+    def __call__(self, x, positions, is_training, memory=None, caches=(None, None)):
+        normed = _layer_norm("ln_self")(x)
+        out, self_cache = Attention(self.hp, "self_attention")(
+            normed, normed, positions, is_training, caches[0])
+        x = x + out
+        cross_cache = None
+        if memory is not None:
+            out, cross_cache = Attention(self.hp, "cross_attention")(
+                _layer_norm("ln_cross")(x), memory, positions, is_training, caches[1])
+            x = x + out
+        x = x + _feed_forward(_layer_norm("ln_ff")(x), self.hp, is_training)
+        return x, (self_cache, cross_cache)
+
+
+def sinusoidal_encodings(max_seq_len: int, d_model: int) -> np.ndarray:
+    """The fixed encodings of "Attention is all you need": sin on even, cos on odd features."""
+    positions = np.arange(max_seq_len)[:, None]                    # [S, 1]
+    rates = 1.0 / 10000 ** (np.arange(0, d_model, 2) / d_model)  # [D/2]
+    table = np.zeros((max_seq_len, d_model), np.float32)
+    table[:, 0::2] = np.sin(positions * rates)
+    table[:, 1::2] = np.cos(positions * rates[: d_model // 2])
+    return table                                                   # [S, D]
+
+
+class Transformer(hk.Module):
+    """Character Transformer: embeddings, [encoder,] decoder layers, final LN, logits."""
+
+    def __init__(self, hp: HParams, vocab_size: int, name: str = "transformer"):
+        super().__init__(name=name)
+        self.hp, self.vocab_size = validate(hp), vocab_size
+
+    def __call__(self, tokens, is_training, cache=None, start=0):
+        hp = self.hp
+        B, T = tokens.shape
+        if T > hp.max_seq_len:
+            raise ValueError(f"sequence length T={T} exceeds HParams.max_seq_len="
+                             f"{hp.max_seq_len}.")
+        positions = start + jnp.arange(T)                                   # [T]
+        embed_init = hk.initializers.TruncatedNormal(0.02)
+        x = hk.Embed(self.vocab_size, hp.d_model, w_init=embed_init,
+                     name="token_embed")(tokens)                            # [B, T, D]
+        if hp.positions == "learned":
+            table = hk.get_parameter("position_embed", [hp.max_seq_len, hp.d_model],
+                                     init=embed_init)
+        else:
+            table = jnp.asarray(sinusoidal_encodings(hp.max_seq_len, hp.d_model))
+        x = _dropout(x + table[positions], hp.dropout, is_training)        # [B, T, D]
+
+        caches = iter(cache) if cache is not None else None
+        take = lambda: next(caches) if caches is not None else None
+        new_cache = []
+        memories = []  # encoder layer i's output feeds decoder layer i's cross-attention
+        if hp.use_encoder:
+            h = x
+            for i in range(hp.encoder_N):
+                h, (c, _) = Layer(hp, f"encoder_{i}")(h, positions, is_training,
+                                                      caches=(take(), None))
+                memories.append(h)
+                new_cache.append(c)
+        for i in range(hp.decoder_N):
+            memory = memories[i] if i < len(memories) else None
+            layer_caches = (take(), take() if memory is not None else None)
+            x, (c_self, c_cross) = Layer(hp, f"decoder_{i}")(
+                x, positions, is_training, memory, layer_caches)
+            new_cache += [c_self] + ([c_cross] if memory is not None else [])
+        x = _layer_norm("ln_final")(x)
+        logits = hk.Linear(self.vocab_size, name="unembed")(x)            # [B, T, V]
+        logits = logits.astype(jnp.float32)
+        return logits if cache is None else (logits, tuple(new_cache))
+
+
+def build(hp: HParams, vocab_size: int) -> hk.Transformed:
+    """apply(params, rng, tokens [B, T] int32, is_training) -> logits [B, T, V] float32."""
+    validate(hp)
+
+    def forward(tokens, is_training):
+        return Transformer(hp, vocab_size)(tokens, is_training)
+
+    return hk.transform(forward)
+
+
+def build_cached(hp: HParams, vocab_size: int) -> hk.Transformed:
+    """apply(params, None, tokens [B, T], cache, start) -> (logits [B, T, V], cache).
+
+    Inference only (no dropout). `start` (may be traced) is the position of tokens[:, 0];
+    the cache comes from init_cache and holds positions < start from earlier calls.
+    """
+    validate(hp)
+
+    def forward(tokens, cache, start):
+        return Transformer(hp, vocab_size)(tokens, False, cache, start)
+
+    return hk.transform(forward)
