@@ -111,17 +111,17 @@ class Sampler:
             yield np.asarray(tokens)
             tokens = next_tokens
 
-
-def sample(params, hparams, vocab_size, context_ids, key, num_chars, temperature=1.0,
-           top_k=None, num_samples=1) -> np.ndarray:
-    """num_chars sampled ids per stream [num_samples, num_chars] (for tests and Aim)."""
-    sampler = Sampler(hparams, vocab_size, temperature, top_k)
-    chunks, total = [], 0
-    for chunk in sampler.stream(params, context_ids, key, num_samples):
-        chunks.append(chunk)
-        total += chunk.shape[1]
-        if total >= num_chars:
-            return np.concatenate(chunks, axis=1)[:, :num_chars]
+    def sample(self, params, context_ids: np.ndarray, key: jax.Array, num_chars: int,
+               num_samples: int = 1) -> np.ndarray:
+        """num_chars sampled ids per stream: [num_samples, num_chars]."""
+        chunks, total = [], 0
+        for chunk in self.stream(params, context_ids, key, num_samples):
+            if total >= num_chars:
+                break
+            chunks.append(chunk)
+            total += chunk.shape[1]
+        return np.concatenate(chunks, axis=1)[:, :num_chars] if chunks else np.zeros(
+            (num_samples, 0), np.int32)
 
 
 def read_context(path: str, vocab: str) -> tuple[str, np.ndarray]:
@@ -178,9 +178,8 @@ def main(argv) -> int:
                 if written == config.num_chars:
                     break
         else:
-            ids = sample(params, ckpt.hparams, len(ckpt.vocab), context_ids, key,
-                         config.num_chars, config.temperature, config.top_k,
-                         config.num_samples)
+            ids = sampler.sample(params, context_ids, key, config.num_chars,
+                                 config.num_samples)
             for i, row in enumerate(ids):
                 sys.stdout.write(f"--- sample {i + 1} ---\n{context}"
                                  f"{data.decode(row, ckpt.vocab)}\n")

@@ -1,0 +1,411 @@
+"""Train the character Transformer: `python train.py [--field=value ...]`.
+
+Each step is one jitted function (sample a batch on the device, forward with dropout, AdamW
+update). Every eval_interval steps: the loss over the whole validation split and as many
+training windows, the latest params file, the best one (`.min_val.pkl`) when validation
+improves, one log line, and Aim metrics with a text sample. Ctrl-C or SIGTERM saves the latest
+params file and prints how to resume.
+"""
+
+import importlib.metadata
+import io
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from typing import NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+import checkpoint
+import data
+import eval as evaluation
+import generate
+import transformer
+from common import UserError, atomic_write, format_config, parse_overrides, run_main
+
+
+class Config(NamedTuple):
+    batch_size: int = 32           # sequences per step, each max_seq_len characters
+    max_iters: int = 15000         # optimizer steps in the run; the schedule spans them
+    learning_rate: float = 3e-4    # peak AdamW learning rate, reached after warmup_iters
+    warmup_iters: int = 200        # linear warmup from 0: early Adam steps are noisy
+    min_lr_ratio: float = 0.1      # cosine decay ends at learning_rate * min_lr_ratio
+    weight_decay: float = 0.1      # AdamW decoupled decay, on matrices and embeddings only
+    beta2: float = 0.99            # Adam's second-moment decay: small batches, noisy grads
+    grad_clip: float = 1.0         # clip the global gradient norm to this (0: no clipping)
+    prng_seed: int = 6436          # initialization, batches and dropout all follow from it
+    source_file: str = data.CORPUS_FILE  # the corpus (SHA-256 checked)
+    eval_interval: int = 500       # steps between full evaluations and params files
+    eval_batch_size: int = 32      # windows per jitted evaluation call
+    log_interval: int = 10         # steps between progress updates (each syncs the host)
+    resume: str = ""               # params file (`params/params.<hash>.pkl`) to continue
+    params_dir: str = "params"     # where params files and the loss plot go
+    aim: bool = True               # track the run in Aim (`aim up` to browse)
+    aim_repo: str = "."            # folder holding the Aim repository `.aim`
+    sample_chars: int = 200        # characters sampled for Aim at each evaluation (0: none)
+    plot_only: str = ""            # params file: redraw its run's loss plot and exit
+
+
+CONFIG = Config()
+
+
+class TrainState(NamedTuple):
+    params: hk.Params
+    opt_state: optax.OptState
+    rng: jax.Array
+    step: jax.Array  # [] int32: optimizer steps taken
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+def make_schedule(config: Config) -> optax.Schedule:
+    """Linear warmup to learning_rate, then cosine decay to learning_rate * min_lr_ratio."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_iters,
+        decay_steps=max(config.max_iters, config.warmup_iters + 1),
+        end_value=config.learning_rate * config.min_lr_ratio)
+
+
+def make_optimizer(config: Config) -> optax.GradientTransformation:
+    # Decay weight matrices and embeddings, not biases or LayerNorm gains.
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    return optax.chain(
+        optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0
+        else optax.identity(),
+        optax.adamw(make_schedule(config), b1=0.9, b2=config.beta2,
+                    weight_decay=config.weight_decay, mask=decay_mask))
+
+
+def make_train_step(model: hk.Transformed, optimizer, batch_size: int, seq_len: int):
+    """jitted (state, train_ids) -> (state, metrics): one AdamW step on a random batch."""
+
+    def loss_fn(params, rng, inputs, targets):
+        logits = model.apply(params, rng, inputs, True)                      # [B, T, V]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+    def train_step(state: TrainState, train_ids: jax.Array):
+        rng, batch_key, dropout_key = jax.random.split(state.rng, 3)
+        inputs, targets = data.sample_batch(batch_key, train_ids, batch_size, seq_len)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, dropout_key, inputs, targets)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return TrainState(params, opt_state, rng, state.step + 1), metrics
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+class Tracker:
+    """The Aim run, or nothing: training goes on (with one warning) if Aim cannot open."""
+
+    def __init__(self, config: Config, run_hash: str | None = None):
+        self.run = None
+        if not config.aim:
+            return
+        try:
+            import aim  # imported here: a run with --aim=False never pays for it
+            # Create the repository first: two first runs on a fresh folder otherwise race.
+            aim.Repo.from_path(config.aim_repo, init=True)
+            self.run = aim.Run(run_hash=run_hash, repo=config.aim_repo,
+                               experiment="nanogpt-haiku")
+            self._text = aim.Text
+        except Exception as e:  # any failure to open Aim must not stop training
+            print(f"warning: Aim tracking is off: cannot open an Aim repository in "
+                  f"{config.aim_repo!r} ({type(e).__name__}: {e}). Training goes on; pass "
+                  "--aim_repo=<writable folder> to track, or --aim=False to silence this.",
+                  file=sys.stderr)
+            self.run = None
+
+    @property
+    def hash(self) -> str | None:
+        return None if self.run is None else self.run.hash
+
+    def set(self, key: str, value: dict) -> None:
+        if self.run is not None:
+            self.run[key] = value
+
+    def track(self, step: int, context: dict | None = None, **metrics: float) -> None:
+        if self.run is not None:
+            for name, value in metrics.items():
+                self.run.track(float(value), name=name, step=step, context=context or {})
+
+    def track_text(self, step: int, name: str, text: str) -> None:
+        if self.run is not None:
+            self.run.track(self._text(text), name=name, step=step)
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.close()
+
+
+class StopRequest:
+    """Turns the first SIGINT/SIGTERM into a flag the loop checks between steps; a second
+    Ctrl-C interrupts at once (an unfinished params file write leaves the old file)."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def library_versions() -> dict:
+    packages = ("jax", "jaxlib", "dm-haiku", "optax", "numpy", "aim")
+    return {"python": platform.python_version(),
+            **{name: importlib.metadata.version(name) for name in packages}}
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def params_paths(params_dir: str, run_hash: str) -> tuple[str, str]:
+    """(latest, best) params files of a run, named as in the original project."""
+    latest = os.path.join(params_dir, f"params.{run_hash}.pkl")
+    return latest, latest + ".min_val.pkl"
+
+
+def plot_losses(history: dict, path: str, title: str) -> None:
+    """train_validation_loss.png: both curves against step, the minimum marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, val = history["step"], history["val_loss"]
+    best = int(np.argmin(val))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.plot(steps, history["train_loss"], label="train")
+    ax.plot(steps, val, label="validation")
+    ax.scatter([steps[best]], [val[best]], color="red", zorder=3,
+               label=f"min validation {val[best]:.4f} at step {steps[best]}")
+    ax.set(xlabel="step", ylabel="loss (nats/char)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write(path, buffer.getvalue())
+
+
+def plot_path(params_dir: str, run_hash: str) -> str:
+    return os.path.join(params_dir, f"train_validation_loss.{run_hash}.png")
+
+
+def check_config(config: Config) -> None:
+    for name in ("batch_size", "max_iters", "eval_interval", "eval_batch_size",
+                 "log_interval"):
+        if getattr(config, name) < 1:
+            raise UserError(f"--{name}={getattr(config, name)}: must be >= 1.")
+    if not config.learning_rate > 0:
+        raise UserError(f"--learning_rate={config.learning_rate}: must be > 0.")
+    if not 0 <= config.min_lr_ratio <= 1:
+        raise UserError(f"--min_lr_ratio={config.min_lr_ratio}: must be in [0, 1].")
+    for name in ("warmup_iters", "sample_chars", "weight_decay", "grad_clip"):
+        if getattr(config, name) < 0:
+            raise UserError(f"--{name}={getattr(config, name)}: must be >= 0.")
+
+
+class Start(NamedTuple):
+    """Where a run begins: fresh from the seed, or from a params file."""
+    state: TrainState
+    hparams: transformer.HParams
+    vocab: str
+    meta: dict  # run_hash, min_val_loss, min_val_step, history, ... (empty when fresh)
+
+
+def fresh_start(config, hparams, vocab, model, optimizer) -> Start:
+    init_key, rng = jax.random.split(jax.random.PRNGKey(config.prng_seed))
+    dummy = jnp.zeros((1, hparams.max_seq_len), jnp.int32)
+    params = jax.jit(model.init, static_argnums=2)(init_key, dummy, False)  # one compile
+    return Start(TrainState(params, optimizer.init(params), rng, jnp.int32(0)), hparams,
+                 vocab, {})
+
+
+def resume_start(config, hparams, optimizer) -> Start:
+    ckpt = checkpoint.load(config.resume)
+    if hparams not in (transformer.HPARAMS, ckpt.hparams):
+        raise UserError(f"--resume={config.resume}: the model's HPARAMS come from the params "
+                        f"file ({ckpt.hparams}); drop the model overrides.")
+    if ckpt.opt_state is None or ckpt.rng is None:
+        raise UserError(f"--resume={config.resume}: the file has no optimizer state or rng "
+                        "(a shipped params file?); resume from a training run's file.")
+    params = jax.device_put(ckpt.params)
+    structure = jax.tree.structure(optimizer.init(params))
+    if structure.num_leaves != len(ckpt.opt_state):
+        raise UserError(f"--resume={config.resume}: its optimizer state does not match this "
+                        "optimizer (was weight decay or clipping switched on or off?).")
+    opt_state = jax.tree.unflatten(structure, [jnp.asarray(x) for x in ckpt.opt_state])
+    state = TrainState(params, opt_state, jnp.asarray(ckpt.rng), jnp.int32(ckpt.meta["step"]))
+    return Start(state, ckpt.hparams, ckpt.vocab, ckpt.meta)
+
+
+def train(config: Config, hparams: transformer.HParams, stop_at: int | None = None) -> dict:
+    """Runs training to config.max_iters (or to step `stop_at`, saving as an interrupt does).
+
+    Returns the final meta: step, losses, min_val_loss, history, run_hash, ...
+    """
+    text = data.load_corpus(config.source_file)
+    optimizer = make_optimizer(config)
+    if config.resume:
+        start = resume_start(config, hparams, optimizer)
+    else:
+        vocab = data.build_vocab(text)
+        start = fresh_start(config, hparams, vocab, transformer.build(hparams, len(vocab)),
+                            optimizer)
+    hparams, vocab, state = start.hparams, start.vocab, start.state
+    model = transformer.build(hparams, len(vocab))
+    ids = data.encode(text, vocab)
+    train_ids, _ = data.split(ids)
+    if len(train_ids) <= hparams.max_seq_len:
+        raise UserError(f"{config.source_file!r}: the training split ({len(train_ids)} "
+                        f"characters) is shorter than max_seq_len={hparams.max_seq_len}.")
+    train_windows, val_windows = evaluation.split_windows(
+        ids, min(evaluation.EVAL_SEQ_LEN, hparams.max_seq_len))
+    train_batches = evaluation.batch_windows(train_windows, config.eval_batch_size)
+    val_batches = evaluation.batch_windows(val_windows, config.eval_batch_size)
+    window_loss = evaluation.make_window_loss(model)
+    train_step = make_train_step(model, optimizer, config.batch_size, hparams.max_seq_len)
+    train_ids = jnp.asarray(train_ids)
+
+    tracker = Tracker(config, start.meta.get("run_hash"))
+    run_hash = tracker.hash or start.meta.get("run_hash") or uuid.uuid4().hex[:24]
+    tracker.set("hparams", hparams._asdict())
+    tracker.set("config", config._asdict())
+    latest_path, best_path = params_paths(config.params_dir, run_hash)
+    sampler = generate.Sampler(hparams, len(vocab)) if config.sample_chars else None
+    newline = data.encode("\n", vocab) if "\n" in vocab else np.zeros(1, np.int32)
+
+    meta = {"min_val_loss": math.inf, "min_val_step": None, "val_loss": None,
+            "train_loss": None, "eval_step": None,
+            "history": {"step": [], "train_loss": [], "val_loss": []}, **start.meta}
+    meta.update(run_hash=run_hash, versions=library_versions(), git_commit=git_commit(),
+                config=config._asdict())
+
+    def save(path: str, step: int) -> None:
+        meta["step"] = step
+        checkpoint.save(path, params=state.params, hparams=hparams, vocab=vocab, meta=meta,
+                        opt_state=state.opt_state, rng=state.rng)
+
+    step = int(state.step)
+    tokens_per_step = config.batch_size * hparams.max_seq_len
+    print(f"run {run_hash}: {checkpoint.num_params(state.params):,} params, "
+          f"{len(vocab)} characters, steps {step} -> {config.max_iters}, params files "
+          f"{latest_path}[.min_val.pkl]", file=sys.stderr)
+    bar = tqdm(total=config.max_iters, initial=step, unit="step", dynamic_ncols=True,
+               disable=not sys.stderr.isatty())
+    interval_start, interval_steps, tokens_per_s = time.time(), 0, 0.0
+    with StopRequest() as stop:
+        while step < config.max_iters and stop.signum is None and step != stop_at:
+            state, metrics = train_step(state, train_ids)
+            step += 1
+            interval_steps += 1
+            bar.update(1)
+            if step % config.log_interval == 0 or step % config.eval_interval == 0:
+                loss = float(metrics["loss"])  # host sync, only every log_interval steps
+                if not math.isfinite(loss):
+                    raise NonFiniteLoss(
+                        f"the training loss is {loss} at step {step}: training stopped. The "
+                        f"last good params files are kept ({latest_path}); try a lower "
+                        "--learning_rate or --grad_clip.")
+                tokens_per_s = interval_steps * tokens_per_step / (time.time() - interval_start)
+                bar.set_postfix(loss=f"{loss:.3f}", val=f"{meta['val_loss'] or math.nan:.3f}",
+                                tok_s=f"{tokens_per_s:.0f}")
+                tracker.track(step, batch_loss=loss, grad_norm=metrics["grad_norm"],
+                              learning_rate=make_schedule(config)(step - 1),
+                              tokens_per_s=tokens_per_s)
+            if step % config.eval_interval == 0 or step == config.max_iters:
+                train_loss = evaluation.mean_loss(window_loss, state.params, train_batches)
+                val_loss = evaluation.mean_loss(window_loss, state.params, val_batches)
+                if not math.isfinite(val_loss):
+                    raise NonFiniteLoss(f"the validation loss is {val_loss} at step {step}: "
+                                        f"training stopped; {latest_path} is kept.")
+                history = meta["history"]
+                history["step"].append(step)
+                history["train_loss"].append(train_loss)
+                history["val_loss"].append(val_loss)
+                meta.update(train_loss=train_loss, val_loss=val_loss, eval_step=step)
+                if val_loss < meta["min_val_loss"]:
+                    meta.update(min_val_loss=val_loss, min_val_step=step)
+                    save(best_path, step)
+                save(latest_path, step)
+                bar.write(f"step {step} | train {train_loss:.4f} | val {val_loss:.4f} | "
+                          f"{tokens_per_s:.0f} tok/s | lr {make_schedule(config)(step - 1):.2e}")
+                tracker.track(step, {"subset": "train"}, loss=train_loss,
+                              bpc=train_loss / math.log(2))
+                tracker.track(step, {"subset": "val"}, loss=val_loss,
+                              bpc=val_loss / math.log(2))
+                if sampler is not None and tracker.run is not None:
+                    ids_out = sampler.sample(state.params, newline, jax.random.PRNGKey(step),
+                                             config.sample_chars)
+                    tracker.track_text(step, "sample", data.decode(ids_out, vocab))
+                interval_start, interval_steps = time.time(), 0
+        bar.close()
+        if step < config.max_iters:  # stopped early: by a signal, or at stop_at
+            save(latest_path, step)
+            why = "" if stop.signum is None else f"{signal.Signals(stop.signum).name}: "
+            print(f"{why}stopped at step {step}; saved {latest_path}. Resume with:\n"
+                  f"  python train.py --resume={latest_path}", file=sys.stderr)
+    tracker.close()
+    if meta["history"]["step"]:
+        plot_losses(meta["history"], plot_path(config.params_dir, run_hash), f"run {run_hash}")
+    meta["step"] = step
+    return meta
+
+
+def main(argv) -> int:
+    config, hparams = parse_overrides(argv, CONFIG, transformer.HPARAMS)
+    if config.plot_only:
+        ckpt = checkpoint.load(config.plot_only)
+        if not ckpt.meta.get("history", {}).get("step"):
+            raise UserError(f"{config.plot_only!r} holds no evaluations to plot.")
+        path = plot_path(os.path.dirname(config.plot_only), ckpt.meta["run_hash"])
+        plot_losses(ckpt.meta["history"], path, f"run {ckpt.meta['run_hash']}")
+        print(path)
+        return 0
+    check_config(config)
+    try:
+        transformer.validate(hparams)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    print(f"devices: {jax.devices()}\nconfig:\n{format_config(config)}\n"
+          f"hparams:\n{format_config(hparams)}", file=sys.stderr)
+    try:
+        meta = train(config, hparams)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"done: min val loss {meta['min_val_loss']:.4f} at step {meta['min_val_step']}",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
