@@ -101,7 +101,7 @@ def make_train_step(model: hk.Transformed, optimizer, batch_size: int, seq_len: 
         loss, grads = jax.value_and_grad(loss_fn)(state.params, dropout_key, inputs, targets)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         return TrainState(params, opt_state, rng, state.step + 1), metrics
 
     return jax.jit(train_step, donate_argnums=0)
@@ -358,6 +358,7 @@ def train(config: Config, hparams: transformer.HParams, stop_at: int | None = No
                 save(latest_path, step)
                 bar.write(f"step {step} | train {train_loss:.4f} | val {val_loss:.4f} | "
                           f"{tokens_per_s:.0f} tok/s | lr {make_schedule(config)(step - 1):.2e}")
+                sys.stdout.flush()  # one grep-able line per evaluation, also through pipes
                 tracker.track(step, {"subset": "train"}, loss=train_loss,
                               bpc=train_loss / math.log(2))
                 tracker.track(step, {"subset": "val"}, loss=val_loss,

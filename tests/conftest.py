@@ -28,3 +28,33 @@ TINY = transformer.HParams(max_seq_len=16, d_model=32, h=4, d_ff=64, decoder_N=2
 @pytest.fixture
 def tiny_hparams():
     return TINY
+
+
+def tiny_config(tmp_dir, **changes):
+    """train.CONFIG for a run of seconds: tiny batches, frequent evaluation, no Aim."""
+    import train
+
+    return train.CONFIG._replace(
+        batch_size=8, max_iters=40, learning_rate=3e-3, warmup_iters=5, eval_interval=20,
+        eval_batch_size=512, log_interval=5, source_file=CORPUS, aim=False,
+        aim_repo=str(tmp_dir), params_dir=os.path.join(str(tmp_dir), "params"),
+        sample_chars=0)._replace(**changes)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One tiny training run shared by the tests that need a params file: its final meta."""
+    import train
+
+    tmp_dir = tmp_path_factory.mktemp("tiny_run")
+    meta = train.train(tiny_config(tmp_dir), TINY)
+    latest, best = train.params_paths(str(tmp_dir / "params"), meta["run_hash"])
+    return {"meta": meta, "latest": latest, "best": best, "dir": tmp_dir}
+
+
+def run_script(*args, timeout=300, **kwargs):
+    """Runs `python <script> args...` in the project root; returns the CompletedProcess."""
+    import subprocess
+
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)

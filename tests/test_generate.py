@@ -1,0 +1,173 @@
+"""generate.py: the KV-cache sampler equals a plain windowed sampler; seeds; bad input."""
+
+import pickle
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import checkpoint
+import data
+import generate
+import transformer
+from conftest import TINY, run_script
+
+VOCAB_SIZE = 12
+
+
+def reference_sample(params, hp, context_ids, key, num_chars, temperature=1.0, top_k=None):
+    """The plain sampler: a full forward pass over the last max_seq_len ids per character."""
+    apply = jax.jit(transformer.build(hp, VOCAB_SIZE).apply, static_argnums=3)
+    ids = list(context_ids)
+    for i in range(num_chars):
+        window = jnp.asarray(ids[-hp.max_seq_len:], jnp.int32)[None]        # [1, T]
+        logits = apply(params, None, window, False)[:, -1]                   # [1, V]
+        token = generate.sample_logits(jax.random.fold_in(key, i), logits, temperature, top_k)
+        ids.append(int(token[0]))
+    return ids[len(context_ids):]
+
+
+def init_params(hp, seed=0):
+    tokens = jnp.zeros((1, hp.max_seq_len), jnp.int32)
+    return jax.jit(transformer.build(hp, VOCAB_SIZE).init, static_argnums=2)(
+        jax.random.PRNGKey(seed), tokens, False)
+
+
+@pytest.mark.parametrize("use_encoder", [False, True])
+def test_cached_sampler_equals_windowed_reference_past_the_window(use_encoder):
+    hp = TINY._replace(use_encoder=use_encoder)
+    params = init_params(hp)
+    context = np.array([3, 1, 4, 1, 5], np.int32)
+    num_chars = 2 * hp.max_seq_len + 5  # fills the window, then slides over it twice
+    key = jax.random.PRNGKey(7)
+    cached = generate.Sampler(hp, VOCAB_SIZE).sample(params, context, key, num_chars)
+    assert cached.shape == (1, num_chars)
+    assert cached[0].tolist() == reference_sample(params, hp, context, key, num_chars)
+
+
+def test_long_context_keeps_its_last_max_seq_len_characters():
+    params = init_params(TINY)
+    sampler = generate.Sampler(TINY, VOCAB_SIZE)
+    long_context = np.arange(3 * TINY.max_seq_len, dtype=np.int32) % VOCAB_SIZE
+    key = jax.random.PRNGKey(0)
+    np.testing.assert_array_equal(
+        sampler.sample(params, long_context, key, 20),
+        sampler.sample(params, long_context[-TINY.max_seq_len:], key, 20))
+    assert sampler.sample(params, long_context, key, 20)[0].tolist() == reference_sample(
+        params, TINY, long_context, key, 20)
+
+
+def test_same_seed_same_text_other_seed_other_text():
+    params = init_params(TINY)
+    sampler = generate.Sampler(TINY, VOCAB_SIZE)
+    context = np.array([1, 2], np.int32)
+    a = sampler.sample(params, context, jax.random.PRNGKey(1), 60)
+    b = sampler.sample(params, context, jax.random.PRNGKey(1), 60)
+    c = sampler.sample(params, context, jax.random.PRNGKey(2), 60)
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any()
+
+
+def test_top_k_1_is_greedy_and_top_k_restricts_choices():
+    params = init_params(TINY)
+    context = np.array([1, 2, 3], np.int32)
+    greedy = generate.Sampler(TINY, VOCAB_SIZE, top_k=1).sample(
+        params, context, jax.random.PRNGKey(3), 30)
+    apply = jax.jit(transformer.build(TINY, VOCAB_SIZE).apply, static_argnums=3)
+    ids = list(context)
+    for _ in range(30):
+        logits = apply(params, None, jnp.asarray(ids[-TINY.max_seq_len:])[None], False)
+        ids.append(int(jnp.argmax(logits[0, -1])))
+    assert greedy[0].tolist() == ids[len(context):]
+
+    logits = jnp.log(jnp.array([[0.1, 0.2, 0.3, 0.4]]))
+    draws = jax.vmap(lambda k: generate.sample_logits(k, logits, 1.0, 2))(
+        jax.random.split(jax.random.PRNGKey(0), 400))
+    assert set(np.asarray(draws).ravel().tolist()) == {2, 3}
+
+
+def test_temperature_sharpens_and_flattens():
+    logits = jnp.log(jnp.array([[0.2, 0.8]]))
+    keys = jax.random.split(jax.random.PRNGKey(0), 2000)
+    share = lambda t: float(jnp.mean(jax.vmap(
+        lambda k: generate.sample_logits(k, logits, t, None))(keys)))
+    assert share(0.05) > 0.99            # nearly greedy
+    assert 0.75 < share(1.0) < 0.85      # the model's own 0.8
+    assert 0.46 < share(100.0) < 0.56    # nearly uniform (p = 0.503)
+
+
+def test_batch_streams_are_independent_and_each_matches_reference():
+    params = init_params(TINY)
+    context = np.array([4, 2], np.int32)
+    key = jax.random.PRNGKey(11)
+    batch = generate.Sampler(TINY, VOCAB_SIZE).sample(params, context, key, 40, num_samples=3)
+    assert batch.shape == (3, 40)
+    assert len({tuple(row) for row in batch.tolist()}) == 3
+
+
+# End to end through the script, with a tiny trained params file.
+
+def test_generate_prints_context_then_seeded_sample(tiny_run, tmp_path):
+    context = tmp_path / "context.txt"
+    context.write_text("En un lugar", encoding="utf-8")
+    args = ["generate.py", f"--params={tiny_run['best']}", f"--context_file={context}",
+            "--num_chars=50", "--prng_seed=5"]
+    first, second = run_script(*args), run_script(*args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout
+    assert first.stdout.startswith("En un lugar") and len(first.stdout) == 11 + 50 + 1
+    assert "seed 5" in first.stderr and "params" in first.stderr
+    other = run_script(*args[:-1], "--prng_seed=6")
+    assert other.stdout != first.stdout
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    result = run_script("generate.py", f"--params={tiny_run['best']}",
+                        f"--context_file={empty}", "--num_chars=5", "--prng_seed=1")
+    assert result.returncode == 0 and result.stdout.startswith("\n")
+
+    several = run_script(*args, "--num_samples=3")
+    assert several.returncode == 0 and several.stdout.count("--- sample") == 3
+
+
+class _Evil:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.target}",))
+
+
+def _bad_inputs(tiny_run, tmp_path):
+    unknown = tmp_path / "unknown.txt"
+    unknown.write_text("hola ç☃", encoding="utf-8")
+    corrupt = tmp_path / "corrupt.pkl"
+    corrupt.write_bytes(open(tiny_run["best"], "rb").read()[:1000])
+    unsafe = tmp_path / "unsafe.pkl"
+    unsafe.write_bytes(pickle.dumps({"format": checkpoint.FORMAT,
+                                     "params": _Evil(tmp_path / "pwned")}))
+    params = f"--params={tiny_run['best']}"
+    return [
+        ([params, f"--context_file={unknown}"], "'ç' (U+00E7), '☃' (U+2603)"),
+        ([params, "--context_file=/nonexistent.txt"], "cannot read context file"),
+        (["--params=/nonexistent.pkl"], "cannot read params file '/nonexistent.pkl'"),
+        ([f"--params={corrupt}"], "is truncated or corrupt"),
+        ([f"--params={unsafe}"], "unsafe pickle global posix.system"),
+        ([params, "--temperature=0"], "--temperature=0.0: must be > 0"),
+        ([params, "--top_k=0"], "--top_k=0: must be >= 1"),
+        ([params, "--num_chars=-1"], "--num_chars=-1: must be >= 0"),
+        ([params, "--num_samples=2", "--num_chars=None"], "needs --num_chars"),
+        ([params, "--temperature=hot"], "expected float"),
+        ([params, "--bogus=1"], "unknown option --bogus"),
+    ]
+
+
+def test_bad_input_exits_2_with_a_clear_message(tiny_run, tmp_path):
+    for args, message in _bad_inputs(tiny_run, tmp_path):
+        result = run_script("generate.py", "--num_chars=5", *args, timeout=120)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "pwned").exists()

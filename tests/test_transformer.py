@@ -1,0 +1,408 @@
+"""Tests of transformer.py: shapes, parameter count, causality, positions, dropout, the pre-norm
+structure, the KV cache, overfitting one string, and HParams validation.
+
+Every model is tiny (conftest.TINY or a variant) and every repeated apply is jitted: compiling
+dominates on a CPU, and the persistent cache set up in conftest makes reruns fast.
+"""
+
+import functools
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import TINY
+
+import transformer
+
+VOCAB = 10
+LN_EPS = 1e-5  # hk.LayerNorm's default
+
+
+def tiny(use_encoder: bool = False, **changes) -> transformer.HParams:
+    """TINY, with one encoder layer when use_encoder, and any other field changed."""
+    return TINY._replace(**{"use_encoder": use_encoder, "encoder_N": 1, **changes})
+
+
+def random_tokens(seed: int, batch_size: int, seq_len: int, vocab_size: int = VOCAB):
+    return jax.random.randint(jax.random.PRNGKey(seed), (batch_size, seq_len), 0, vocab_size)
+
+
+def init_params(hp: transformer.HParams, vocab_size: int = VOCAB, seed: int = 0):
+    """Initialized parameters, from a jitted init (is_training is static: it picks branches)."""
+    model = transformer.build(hp, vocab_size)
+    init = jax.jit(functools.partial(model.init, is_training=False))
+    return init(jax.random.PRNGKey(seed), jnp.zeros((1, hp.max_seq_len), jnp.int32))
+
+
+def jitted_apply(hp: transformer.HParams, is_training: bool, vocab_size: int = VOCAB):
+    """apply(params, rng, tokens) -> logits, jitted with is_training fixed."""
+    model = transformer.build(hp, vocab_size)
+    return jax.jit(functools.partial(model.apply, is_training=is_training))
+
+
+def count(params) -> int:
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params))
+
+
+def module_name(name: str) -> str:
+    """Haiku module names without the '/~/' separators some Haiku versions put in them."""
+    return name.replace("/~", "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes
+
+
+@pytest.mark.parametrize("use_encoder", [False, True])
+@pytest.mark.parametrize("seq_len", [5, TINY.max_seq_len])
+def test_logits_shape_dtype_finite(use_encoder, seq_len):
+    """Logits are [B, T, V] float32 and finite, for T below and at max_seq_len."""
+    hp = tiny(use_encoder)
+    params = init_params(hp)
+    tokens = random_tokens(1, 3, seq_len)
+    for is_training, rng in ((False, None), (True, jax.random.PRNGKey(2))):
+        logits = jitted_apply(hp, is_training)(params, rng, tokens)
+        assert logits.shape == (3, seq_len, VOCAB)
+        assert logits.dtype == jnp.float32
+        assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+@pytest.mark.parametrize("use_encoder", [False, True])
+def test_sequence_longer_than_max_seq_len_raises(use_encoder):
+    """T > max_seq_len raises ValueError naming max_seq_len."""
+    hp = tiny(use_encoder)
+    params = init_params(hp)
+    tokens = random_tokens(1, 2, hp.max_seq_len + 1)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        transformer.build(hp, VOCAB).apply(params, None, tokens, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter count
+
+
+def expected_param_count(hp: transformer.HParams, vocab_size: int) -> int:
+    """Written independently of transformer.param_count, module by module."""
+    D, F, V, S = hp.d_model, hp.d_ff, vocab_size, hp.max_seq_len
+    layer_norm = 2 * D                          # scale and offset
+    attention = 4 * (D * D + D)                 # query, key, value, out: weights and biases
+    feed_forward = D * F + F + F * D + D        # ff_in, ff_out
+    layer = 2 * layer_norm + attention + feed_forward
+    embeddings = V * D + (S * D if hp.positions == "learned" else 0)
+    encoder_N = hp.encoder_N if hp.use_encoder else 0
+    cross = encoder_N * (layer_norm + attention)
+    return (embeddings + (hp.decoder_N + encoder_N) * layer + cross
+            + layer_norm + D * V + V)           # final LN, unembedding
+
+
+def test_param_count_of_default_hparams():
+    """The default model (vocab 88) has param_count(HPARAMS, 88) == the formula's parameters."""
+    hp, vocab_size = transformer.HPARAMS, 88
+    model = transformer.build(hp, vocab_size)
+    shapes = jax.eval_shape(functools.partial(model.init, is_training=False),
+                            jax.random.PRNGKey(0), jnp.zeros((1, hp.max_seq_len), jnp.int32))
+    D, F, V, S = hp.d_model, hp.d_ff, vocab_size, hp.max_seq_len
+    formula = (V * D + S * D
+               + hp.decoder_N * (2 * 2 * D + 4 * (D * D + D) + D * F + F + F * D + D)
+               + 2 * D + D * V + V)
+    assert count(shapes) == formula
+    assert transformer.param_count(hp, vocab_size) == formula
+
+
+@pytest.mark.parametrize("hp", [
+    tiny(False),
+    tiny(True),
+    tiny(True, encoder_N=2),
+    tiny(False, positions="sinusoidal"),
+    tiny(True, positions="sinusoidal"),
+], ids=["decoder", "encoder1", "encoder2", "sinusoidal", "encoder_sinusoidal"])
+def test_param_count_matches_initialized_model(hp):
+    """param_count and the independent formula both equal the initialized model's count."""
+    actual = count(init_params(hp))
+    assert transformer.param_count(hp, VOCAB) == actual
+    assert expected_param_count(hp, VOCAB) == actual
+
+
+def test_sinusoidal_positions_have_no_parameters():
+    """Sinusoidal encodings add no position_embed parameter; learned ones add [S, D]."""
+    learned = init_params(tiny(False))
+    sinusoidal = init_params(tiny(False, positions="sinusoidal"))
+    assert learned["transformer"]["position_embed"].shape == (TINY.max_seq_len, TINY.d_model)
+    assert "position_embed" not in sinusoidal.get("transformer", {})
+
+
+def test_sinusoidal_encodings_formula():
+    """sin(p / 10000^(2i/D)) on feature 2i and cos of the same angle on feature 2i+1."""
+    max_seq_len, d_model = 12, 8
+    table = transformer.sinusoidal_encodings(max_seq_len, d_model)
+    assert table.shape == (max_seq_len, d_model)
+    for p in range(max_seq_len):
+        for i in range(d_model // 2):
+            angle = p / 10000 ** (2 * i / d_model)
+            np.testing.assert_allclose(table[p, 2 * i], np.sin(angle), atol=1e-6)
+            np.testing.assert_allclose(table[p, 2 * i + 1], np.cos(angle), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Causality
+
+
+@pytest.mark.parametrize("is_training", [False, True])
+@pytest.mark.parametrize("use_encoder", [False, True])
+def test_future_tokens_do_not_change_past_logits(use_encoder, is_training):
+    """Changing tokens after t leaves logits at <= t unchanged and changes later ones.
+
+    In training mode (same rng, so the same dropout masks) the explicit-softmax attention path
+    runs instead of the fused one; both must be causal.
+    """
+    hp = tiny(use_encoder)
+    params = init_params(hp)
+    apply = jitted_apply(hp, is_training)
+    rng = jax.random.PRNGKey(3) if is_training else None
+    tokens = random_tokens(4, 2, hp.max_seq_len)
+    logits = apply(params, rng, tokens)
+    for t in (0, 6, hp.max_seq_len - 2):
+        changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 1) % VOCAB)
+        changed_logits = apply(params, rng, changed)
+        np.testing.assert_allclose(changed_logits[:, :t + 1], logits[:, :t + 1], atol=1e-6)
+        assert not np.allclose(changed_logits[:, t + 1:], logits[:, t + 1:], atol=1e-4)
+
+
+@pytest.mark.parametrize("use_encoder", [False, True])
+def test_loss_at_t_has_no_gradient_from_later_positions(use_encoder):
+    """d loss_t / d position_embed[s] is zero for s > t and nonzero for s <= t."""
+    hp = tiny(use_encoder)
+    params = init_params(hp)
+    model = transformer.build(hp, VOCAB)
+    tokens = random_tokens(5, 2, hp.max_seq_len)
+    targets = random_tokens(6, 2, hp.max_seq_len)
+
+    @jax.jit
+    def position_grads(params, t):
+        def loss_at_t(params):
+            logits = model.apply(params, None, tokens, False)                 # [B, T, V]
+            log_probs = jax.nn.log_softmax(logits[:, t])                      # [B, V]
+            return -jnp.take_along_axis(log_probs, targets[:, t, None], axis=-1).mean()
+        return jax.grad(loss_at_t)(params)["transformer"]["position_embed"]  # [S, D]
+
+    for t in (0, 5, hp.max_seq_len - 1):
+        row_norms = np.abs(np.asarray(position_grads(params, t))).sum(axis=-1)  # [S]
+        assert np.all(row_norms[t + 1:] == 0.0), row_norms
+        assert np.all(row_norms[:t + 1] > 0.0), row_norms
+
+
+# ---------------------------------------------------------------------------------------------
+# Positions
+
+
+@pytest.mark.parametrize("positions", ["learned", "sinusoidal"])
+def test_order_of_characters_matters(positions):
+    """Permuting the first characters (last one fixed) changes the last position's logits.
+
+    One layer, so that the control holds: without positions its last query sees a set.
+    """
+    hp = tiny(False, positions=positions, decoder_N=1)
+    params = init_params(hp)
+    apply = jitted_apply(hp, False)
+    tokens = jnp.array([[1, 2, 3, 4, 5, 6, 7, 8]])
+    permuted = jnp.array([[7, 6, 5, 4, 3, 2, 1, 8]])  # the first seven reversed, last kept
+    last = apply(params, None, tokens)[0, -1]
+    permuted_last = apply(params, None, permuted)[0, -1]
+    assert not np.allclose(last, permuted_last, atol=1e-5)
+    if positions == "learned":
+        # Control: without position information the last query sees a set, not a sequence.
+        table = params["transformer"]["position_embed"]
+        blind = {**params, "transformer": {**params["transformer"],
+                                           "position_embed": jnp.zeros_like(table)}}
+        np.testing.assert_allclose(apply(blind, None, tokens)[0, -1],
+                                   apply(blind, None, permuted)[0, -1], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout
+
+
+@pytest.mark.parametrize("use_encoder", [False, True])
+def test_dropout_follows_rng_and_is_training(use_encoder):
+    """Training differs across rngs and repeats with one rng; evaluation needs no rng."""
+    hp = tiny(use_encoder, dropout=0.1)
+    params = init_params(hp)
+    train, evaluate = jitted_apply(hp, True), jitted_apply(hp, False)
+    tokens = random_tokens(7, 2, hp.max_seq_len)
+    rng_a, rng_b = jax.random.PRNGKey(10), jax.random.PRNGKey(11)
+    train_a = train(params, rng_a, tokens)
+    assert not np.allclose(train_a, train(params, rng_b, tokens), atol=1e-4)
+    np.testing.assert_array_equal(train_a, train(params, rng_a, tokens))
+    eval_logits = evaluate(params, None, tokens)
+    np.testing.assert_array_equal(eval_logits, evaluate(params, None, tokens))
+    np.testing.assert_array_equal(eval_logits, evaluate(params, rng_a, tokens))
+    assert not np.allclose(train_a, eval_logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("use_encoder", [False, True])
+def test_zero_dropout_training_equals_evaluation(use_encoder):
+    """With dropout=0.0, training mode gives the evaluation logits."""
+    hp = tiny(use_encoder, dropout=0.0)
+    params = init_params(hp)
+    tokens = random_tokens(8, 2, hp.max_seq_len)
+    train_logits = jitted_apply(hp, True)(params, jax.random.PRNGKey(12), tokens)
+    eval_logits = jitted_apply(hp, False)(params, None, tokens)
+    np.testing.assert_allclose(train_logits, eval_logits, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-norm structure
+
+
+def layer_norm(x, scale, offset):
+    mean = x.mean(axis=-1, keepdims=True)
+    variance = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    return (x - mean) / np.sqrt(variance + LN_EPS) * scale + offset
+
+
+@pytest.mark.parametrize("use_encoder", [False, True])
+def test_zeroed_branches_make_every_layer_the_identity(use_encoder):
+    """With every branch's output projection zeroed, logits = unembed(LN_final(embeddings))."""
+    hp = tiny(use_encoder, encoder_N=2 if use_encoder else 1)
+    params = init_params(hp)
+    branch_outputs = ("self_attention/out", "cross_attention/out", "ff_out")
+    zeroed = {}
+    for name, module in params.items():
+        if module_name(name).endswith(branch_outputs):
+            module = jax.tree_util.tree_map(jnp.zeros_like, module)
+            zeroed[name] = True
+        params = {**params, name: module}
+    encoder_N = hp.encoder_N if use_encoder else 0
+    assert len(zeroed) == 2 * hp.decoder_N + 2 * encoder_N + encoder_N  # self, ff; cross
+    # A final LayerNorm away from its initial (1, 0) so that skipping it would show.
+    final = next(name for name in params if module_name(name).endswith("ln_final"))
+    keys = jax.random.split(jax.random.PRNGKey(13), 2)
+    params[final] = {
+        "scale": 1.0 + jax.random.normal(keys[0], (hp.d_model,)),
+        "offset": jax.random.normal(keys[1], (hp.d_model,)),
+    }
+
+    tokens = random_tokens(9, 2, 11)
+    logits = jitted_apply(hp, False)(params, None, tokens)
+
+    def get(suffix):
+        return next(params[name] for name in params if module_name(name).endswith(suffix))
+
+    p = jax.tree_util.tree_map(np.asarray, params)
+    embeddings = (np.asarray(get("token_embed")["embeddings"])[np.asarray(tokens)]
+                  + p["transformer"]["position_embed"][:tokens.shape[1]])   # [B, T, D]
+    normed = layer_norm(embeddings, p[final]["scale"], p[final]["offset"])
+    unembed = get("unembed")
+    expected = normed @ np.asarray(unembed["w"]) + np.asarray(unembed["b"])  # [B, T, V]
+    np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+
+
+@pytest.mark.parametrize("positions", ["learned", "sinusoidal"])
+@pytest.mark.parametrize("use_encoder", [False, True])
+def test_cached_prefill_and_steps_match_full_forward(use_encoder, positions):
+    """Prefill of k tokens, then one-token steps, gives the logits of one full forward."""
+    hp = tiny(use_encoder, encoder_N=2 if use_encoder else 1, positions=positions)
+    params = init_params(hp)
+    batch_size, seq_len, prefill = 2, 13, 5
+    tokens = random_tokens(14, batch_size, seq_len)
+    full = jitted_apply(hp, False)(params, None, tokens)                   # [B, T, V]
+
+    cached = jax.jit(transformer.build_cached(hp, VOCAB).apply)
+    cache = transformer.init_cache(hp, batch_size)
+    logits, cache = cached(params, None, tokens[:, :prefill], cache, 0)
+    steps = [logits]
+    for t in range(prefill, seq_len):
+        logits, cache = cached(params, None, tokens[:, t:t + 1], cache, jnp.int32(t))
+        steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Overfitting
+
+
+TEXT = "En un lugar de la Mancha, de cuyo nombre no quiero acordarme, no"
+
+
+@pytest.mark.parametrize("use_encoder", [False, True])
+def test_tiny_model_overfits_one_string(use_encoder):
+    """A tiny model memorizes a 64-character string: loss < 0.05 within 400 Adam steps."""
+    assert len(TEXT) == 64
+    vocab = sorted(set(TEXT))
+    ids = jnp.array([[vocab.index(c) for c in TEXT]])                 # [1, 64]
+    inputs, targets = ids[:, :-1], ids[:, 1:]                         # [1, 63]
+    hp = tiny(use_encoder, max_seq_len=64, dropout=0.0)
+    model = transformer.build(hp, len(vocab))
+    params = jax.jit(functools.partial(model.init, is_training=True))(
+        jax.random.PRNGKey(0), inputs)
+    optimizer = optax.adam(3e-3)
+
+    def loss_fn(params, rng):
+        logits = model.apply(params, rng, inputs, True)               # [1, 63, V]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+    @jax.jit
+    def train_steps(params, opt_state, rng):
+        def step(carry, rng):  # 50 updates per call: few host round trips
+            params, opt_state = carry
+            loss, grads = jax.value_and_grad(loss_fn)(params, rng)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), loss
+        (params, opt_state), losses = jax.lax.scan(
+            step, (params, opt_state), jax.random.split(rng, 50))
+        return params, opt_state, losses[-1]
+
+    opt_state = optimizer.init(params)
+    rng = jax.random.PRNGKey(1)
+    initial_loss = float(loss_fn(params, rng))
+    for _ in range(8):
+        rng, step_rng = jax.random.split(rng)
+        params, opt_state, loss = train_steps(params, opt_state, step_rng)
+        if float(loss) < 0.05:
+            break
+    final_loss = float(loss_fn(params, rng))
+    assert initial_loss > 1.0
+    assert final_loss < 0.05, (initial_loss, final_loss)
+
+
+# ---------------------------------------------------------------------------------------------
+# HParams validation
+
+
+INVALID = [
+    ("d_model", TINY._replace(d_model=30, h=4)),
+    ("max_seq_len", TINY._replace(max_seq_len=0)),
+    ("d_model", TINY._replace(d_model=0)),
+    ("h", TINY._replace(h=0)),
+    ("d_ff", TINY._replace(d_ff=0)),
+    ("decoder_N", TINY._replace(decoder_N=0)),
+    ("encoder_N", TINY._replace(encoder_N=0)),
+    ("max_seq_len", TINY._replace(max_seq_len=-1)),
+    ("dropout", TINY._replace(dropout=-0.1)),
+    ("dropout", TINY._replace(dropout=1.0)),
+    ("dropout", TINY._replace(dropout=1.5)),
+    ("encoder_N", TINY._replace(use_encoder=True, encoder_N=3, decoder_N=2)),
+    ("positions", TINY._replace(positions="rotary")),
+]
+
+
+@pytest.mark.parametrize("field, hp", INVALID,
+                         ids=[f"{field}-{i}" for i, (field, _) in enumerate(INVALID)])
+def test_invalid_hparams_raise_value_error_naming_the_field(field, hp):
+    """build() rejects each invalid value with a ValueError whose message names the field."""
+    with pytest.raises(ValueError, match=rf"\b{field}\b"):
+        transformer.build(hp, 10)
+
+
+def test_valid_edge_hparams_build():
+    """The edges of the valid ranges are accepted: dropout 0, encoder_N == decoder_N, h == D."""
+    for hp in (TINY._replace(dropout=0.0), TINY._replace(use_encoder=True, encoder_N=2),
+               TINY._replace(h=TINY.d_model), TINY._replace(positions="sinusoidal")):
+        assert isinstance(transformer.build(hp, 10), hk.Transformed)
