@@ -64,9 +64,23 @@ def _to_numpy(tree):
     return np.asarray(jax.device_get(tree))
 
 
+def _check_plain(value: Any, where: str) -> None:
+    """Meta must be plain Python (what the restricted unpickler reads back)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+    elif not (value is None or type(value) in (bool, int, float, str)):
+        raise TypeError(f"{where} is a {type(value).__name__}: params file meta holds only "
+                        "plain Python values (convert with float() or int()).")
+
+
 def save(path: str, *, params, hparams: transformer.HParams, vocab: str, meta: dict,
          opt_state=None, rng=None) -> None:
     """Writes a params file atomically (a crash mid-save leaves the previous file intact)."""
+    _check_plain(meta, "meta")
     payload = {
         "format": FORMAT,
         "params": _to_numpy(params),

@@ -38,6 +38,8 @@ def load_corpus(path: str = CORPUS_FILE, check_sha256: bool = True) -> str:
             raw = f.read()
     except FileNotFoundError:
         raise UserError(f"corpus {path!r} not found: run `make data` to fetch it.") from None
+    except OSError as e:
+        raise UserError(f"cannot read corpus {path!r}: {e.strerror}.") from None
     if check_sha256:
         _check_sha256(raw, path)
     try:

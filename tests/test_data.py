@@ -115,6 +115,13 @@ def test_load_corpus_missing_file(tmp_path):
     assert path in str(excinfo.value)
 
 
+def test_load_corpus_unreadable_path(tmp_path):
+    # `--source_file=params` (a folder) must be a user error, not an IsADirectoryError traceback.
+    with pytest.raises(common.UserError) as excinfo:
+        data.load_corpus(str(tmp_path))
+    assert str(tmp_path) in str(excinfo.value)
+
+
 def test_load_corpus_not_utf8(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("señor".encode("latin-1"))
@@ -221,8 +228,8 @@ def test_eval_windows_cover_every_target_once(length):
     # Padding (only at the end of the last window) weighs 0.
     flat = windows.weights.reshape(-1)
     assert not flat[length - 1:].any()
-    # Zero-padded: padding positions still hold valid ids, as the model gathers them.
-    assert not windows.inputs.reshape(-1)[length - 1:].any()
+    # Zero-padded after the last id: padding still holds valid ids, as the model gathers them.
+    assert not windows.inputs.reshape(-1)[length:].any()
     assert not windows.targets.reshape(-1)[length - 1:].any()
 
 

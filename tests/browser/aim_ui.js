@@ -11,18 +11,19 @@ const SUBSETS = ['train', 'val'];  // train.py tracks `loss` in these two contex
 
 async function checkRunPage(page, url, runHash) {
   await page.goto(`${url}/runs/${runHash}/metrics`);
+  // visible: the document's <title> names the run too, the page's header must show it.
   await page.getByText(runHash).filter({ visible: true }).first().waitFor({ timeout: TIMEOUT_MS })
     .catch(() => { throw new Error(`the run ${runHash} is not shown`); });
   for (const subset of SUBSETS) {
-    // One card per metric and context: the title, its context, and the chart's svg.
-    const card = page.getByRole('heading', { name: 'loss', exact: true })
-      .locator(`xpath=ancestor::*[.//svg][1]`)
-      .filter({ hasText: `subset="${subset}"` });
-    await card.first().waitFor({ timeout: TIMEOUT_MS })
+    // One card per metric and context (Aim 3.29's class): the chart, its title and context.
+    const card = page.locator('.RunDetailMetricsTab__container__chartContainer')
+      .filter({ has: page.getByRole('heading', { name: 'loss', exact: true }) })
+      .filter({ hasText: `subset="${subset}"` }).first();
+    await card.waitFor({ timeout: TIMEOUT_MS })
       .catch(() => { throw new Error(`no \`loss\` chart for subset="${subset}"`); });
-    await card.first().scrollIntoViewIfNeeded();  // charts render only once on screen
+    await card.scrollIntoViewIfNeeded();  // charts render only once on screen
     // A drawn curve: a path with at least one line segment ("M x,y L x,y ...").
-    await card.first().locator('svg path[d*="L"]').first().waitFor({ timeout: TIMEOUT_MS })
+    await card.locator('svg path[d*="L"]').first().waitFor({ timeout: TIMEOUT_MS })
       .catch(() => { throw new Error(`the \`loss\` chart for subset="${subset}" has no curve`); });
   }
 }
