@@ -1,0 +1,225 @@
+"""Benchmark: this machine's ceilings, training throughput and MFU, sampling speed, memory.
+
+`python bench.py [--field=value ...]` (fields of bench.Config and transformer.HPARAMS) prints
+a table; `--json=FILE` also writes it as flat JSON. Each section runs in a fresh subprocess so
+that its peak resident memory is its own. Run it with nothing else on the machine: on a
+2-core CPU any other process halves every figure.
+
+Model FLOPs per trained token (nanoGPT's / PaLM's estimate):
+  6 * P + 12 * N * T * D     (P parameters without the embeddings, N layers, T context, D width)
+forward + backward of every matmul, plus the attention scores and weighted sum.
+MFU = achieved model FLOP/s / the measured peak matmul FLOP/s of the precision in use.
+"""
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import common
+import transformer
+from common import UserError, parse_overrides, run_main
+
+
+class Config(NamedTuple):
+    batch_size: int = 32          # training batch, sequences of max_seq_len characters
+    train_steps: int = 10         # timed training steps (after 2 warm-up steps)
+    sample_chars: int = 256       # characters per timed sampling run
+    num_samples: int = 8          # streams for the batch sampling figure
+    params: str = ""              # sample from this params file (default: random init)
+    json: str = ""                # also write the results here as flat JSON
+    section: str = ""             # internal: run one section and print its JSON
+
+
+CONFIG = Config()
+
+
+def timed(fn, repeats: int) -> list[float]:
+    """Seconds per call of fn (which must block on its result), after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_ceilings(config, hp) -> dict:
+    """Peak jitted matmul FLOP/s in float32 and bfloat16 (float32 accumulation), copy GB/s."""
+    n = 2048
+    out = {}
+    for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16)):
+        a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+        b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
+        matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+        seconds = statistics.median(timed(lambda: matmul(a, b).block_until_ready(), 10))
+        out[f"peak_{name}_gflops"] = 2 * n**3 / seconds / 1e9
+    x = jnp.ones((64 * 2**20 // 4,), jnp.float32)  # 64 MiB, beyond the caches
+    copy = jax.jit(lambda x: x + 0.0)
+    seconds = statistics.median(timed(lambda: copy(x).block_until_ready(), 20))
+    out["copy_gb_per_s"] = 2 * x.nbytes / seconds / 1e9  # read + write
+    return out
+
+
+def flops_per_token(hp, vocab_size: int) -> float:
+    embeddings = vocab_size * hp.d_model + hp.max_seq_len * hp.d_model
+    params = transformer.param_count(hp, vocab_size) - embeddings
+    num_layers = hp.decoder_N + (2 * hp.encoder_N if hp.use_encoder else 0)
+    return 6 * params + 12 * num_layers * hp.max_seq_len * hp.d_model
+
+
+def bench_train(config, hp) -> dict:
+    import data
+    import train
+
+    text = data.load_corpus()
+    vocab = data.build_vocab(text)
+    train_ids = jnp.asarray(data.split(data.encode(text, vocab))[0])
+    train_config = train.CONFIG._replace(batch_size=config.batch_size)
+    model = transformer.build(hp, len(vocab))
+    optimizer = train.make_optimizer(train_config)
+    state = train.fresh_start(train_config, hp, vocab, model, optimizer).state
+    step = train.make_train_step(model, optimizer, config.batch_size, hp.max_seq_len)
+
+    def run():
+        nonlocal state
+        state, metrics = step(state, train_ids)
+        metrics["loss"].block_until_ready()
+
+    run()  # compile
+    seconds = statistics.median(timed(run, config.train_steps))
+    tokens_per_s = config.batch_size * hp.max_seq_len / seconds
+    flops = flops_per_token(hp, len(vocab))
+    return {"train_step_s": seconds, "train_tokens_per_s": tokens_per_s,
+            "flops_per_token": flops, "train_gflops": tokens_per_s * flops / 1e9}
+
+
+def _sampling_params(config, hp):
+    if config.params:
+        import checkpoint
+
+        ckpt = checkpoint.load(config.params)
+        return ckpt.params, ckpt.hparams, len(ckpt.vocab)
+    params = jax.jit(transformer.build(hp, 88).init, static_argnums=2)(
+        jax.random.PRNGKey(0), jnp.zeros((1, hp.max_seq_len), jnp.int32), False)
+    return params, hp, 88
+
+
+def bench_sample(config, hp) -> dict:
+    """Characters per second of the cached sampler (window filling, and full), one stream
+    and num_samples streams, and of a full forward pass per character (the original's way)."""
+    import generate
+
+    params, hp, vocab_size = _sampling_params(config, hp)
+    sampler = generate.Sampler(hp, vocab_size)
+    key = jax.random.PRNGKey(0)
+    S = hp.max_seq_len
+    # Fill phase: from a one-character context, the next S-1 characters are cached steps.
+    fill = min(S - 1, config.sample_chars) // generate.CHUNK * generate.CHUNK
+    out = {}
+    for name, context, num_chars, streams in (
+            ("sample_cached_chars_per_s", [0], fill, 1),
+            ("sample_full_window_chars_per_s", [0] * S, config.sample_chars, 1),
+            ("sample_batch_cached_chars_per_s", [0], fill, config.num_samples)):
+        run = lambda: sampler.sample(params, np.array(context, np.int32), key, num_chars,
+                                     streams)
+        seconds = statistics.median(timed(run, 3))
+        out[name] = streams * num_chars / seconds
+    # The original's sampler: a full forward pass over the window for every character.
+    apply = jax.jit(transformer.build(hp, vocab_size).apply, static_argnums=3)
+    window = jnp.zeros((1, S), jnp.int32)
+
+    def full_forward():
+        for i in range(32):
+            logits = apply(params, None, window, False)[:, -1]
+            generate.sample_logits(jax.random.fold_in(key, i), logits, 1.0, None)
+        logits.block_until_ready()
+
+    out["sample_full_forward_chars_per_s"] = 32 / statistics.median(timed(full_forward, 3))
+    out["weight_bytes"] = sum(x.nbytes for x in jax.tree.leaves(params))
+    return out
+
+
+SECTIONS = {"ceilings": bench_ceilings, "train": bench_train, "sample": bench_sample}
+
+
+def run_section(name: str, argv) -> dict:
+    """Runs one section in a subprocess; its JSON result plus its peak resident memory."""
+    args = [a for a in argv if not a.startswith(("--json=", "--section="))]
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), f"--section={name}",
+                             *args], capture_output=True, text=True)
+    if result.returncode:
+        raise SystemExit(f"bench section {name} failed:\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv) -> int:
+    config, hp = parse_overrides(argv, CONFIG, transformer.HPARAMS)
+    try:
+        transformer.validate(hp)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if config.section:
+        out = SECTIONS[config.section](config, hp)
+        out[f"{config.section}_peak_rss_mb"] = (
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        print(json.dumps(out))
+        return 0
+    results = {"device": str(jax.devices()[0]), "date": time.strftime("%Y-%m-%d"),
+               "cpu_count": os.cpu_count()}
+    for name in SECTIONS:
+        print(f"# running {name} ...", file=sys.stderr)
+        results.update(run_section(name, argv))
+    peak = results["peak_f32_gflops"]
+    results["mfu"] = results["train_gflops"] / peak
+    results["sample_bandwidth_bound_chars_per_s"] = (
+        results["copy_gb_per_s"] * 1e9 / results["weight_bytes"])
+    results["sample_fraction_of_bound"] = (
+        results["sample_cached_chars_per_s"] / results["sample_bandwidth_bound_chars_per_s"])
+    results["sample_chars_per_s"] = results["sample_cached_chars_per_s"]
+    print_table(results, hp, config)
+    if config.json:
+        common.atomic_write(config.json, json.dumps(results, indent=1).encode())
+    return 0
+
+
+def print_table(r: dict, hp, config) -> None:
+    rows = [
+        ("device", f"{r['device']} ({r['cpu_count']} cores), {r['date']}"),
+        ("model", f"d_model {hp.d_model}, {hp.decoder_N} layers, {hp.h} heads, d_ff {hp.d_ff},"
+                  f" T {hp.max_seq_len}, batch {config.batch_size}"),
+        ("matmul peak f32 / bf16", f"{r['peak_f32_gflops']:.0f} / {r['peak_bf16_gflops']:.0f}"
+                                   " GFLOP/s"),
+        ("copy bandwidth", f"{r['copy_gb_per_s']:.1f} GB/s"),
+        ("train", f"{r['train_tokens_per_s']:.0f} tokens/s ({r['train_step_s']:.3f} s/step)"),
+        ("model FLOPs per token", f"{r['flops_per_token'] / 1e6:.1f} MFLOP"),
+        ("achieved / MFU (f32)", f"{r['train_gflops']:.0f} GFLOP/s / {100 * r['mfu']:.1f}%"),
+        ("sample, cached, 1 stream", f"{r['sample_cached_chars_per_s']:.0f} chars/s "
+                                     f"({100 * r['sample_fraction_of_bound']:.0f}% of the "
+                                     f"{r['sample_bandwidth_bound_chars_per_s']:.0f} chars/s "
+                                     "bandwidth bound)"),
+        (f"sample, cached, {config.num_samples} streams",
+         f"{r['sample_batch_cached_chars_per_s']:.0f} chars/s in all"),
+        ("sample, window full (re-prefill)",
+         f"{r['sample_full_window_chars_per_s']:.0f} chars/s"),
+        ("sample, full forward per char", f"{r['sample_full_forward_chars_per_s']:.0f} chars/s"),
+        ("peak RSS ceilings / train / sample",
+         f"{r['ceilings_peak_rss_mb']:.0f} / {r['train_peak_rss_mb']:.0f} / "
+         f"{r['sample_peak_rss_mb']:.0f} MB"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+if __name__ == "__main__":
+    run_main(main)
