@@ -55,32 +55,44 @@ def load_params(path: str) -> checkpoint.Checkpoint:
 
 
 def make_window_loss(model: hk.Transformed):
-    """jitted (params, inputs, targets, weights) -> summed weighted cross-entropy (nats)."""
+    """jitted (params, batches) -> (summed nll in nats, counted characters), one call for
+    all batches (a lax.map over their leading axis): one dispatch and one host sync."""
+
+    def batch_loss(params, batch: data.Windows):
+        logits = model.apply(params, None, batch.inputs, False)                  # [B, T, V]
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch.targets)  # [B, T]
+        return jnp.sum(nll * batch.weights)
 
     @jax.jit
-    def window_loss(params, inputs, targets, weights):
-        logits = model.apply(params, None, inputs, False)                    # [B, T, V]
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [B, T]
-        return jnp.sum(nll * weights)
+    def window_loss(params, batches: data.Windows):
+        losses = jax.lax.map(lambda b: batch_loss(params, b), batches)          # [NB]
+        return jnp.sum(losses), jnp.sum(batches.weights)
 
     return window_loss
 
 
-def batch_windows(windows: data.Windows, batch_size: int) -> list[data.Windows]:
-    """Device batches of exactly `batch_size` windows (the last padded with zero weight)."""
+def put(array: np.ndarray, sharding: jax.sharding.Sharding | None = None) -> jax.Array:
+    """A host array on the device(s), each device (of every process) taking its shard."""
+    if sharding is None:
+        return jnp.asarray(array)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def batch_windows(windows: data.Windows, batch_size: int,
+                  sharding: jax.sharding.Sharding | None = None) -> data.Windows:
+    """Windows as device arrays [NB, batch_size, T], the last batch padded with zero weight;
+    with `sharding` (over the batch axis), each batch is split across devices."""
     num = len(windows.inputs)
     pad = -num % batch_size
-    padded = data.Windows(*(np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)])
-                            for a in windows))
-    return [data.Windows(*(jnp.asarray(a[i:i + batch_size]) for a in padded))
-            for i in range(0, num + pad, batch_size)]
+    return data.Windows(*(
+        put(np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)]).reshape(
+            -1, batch_size, *a.shape[1:]), sharding) for a in windows))
 
 
-def mean_loss(window_loss, params, batches: list[data.Windows]) -> float:
-    """Mean nats per counted character over `batches` (one host sync, at the end)."""
-    total = sum(window_loss(params, *b) for b in batches)
-    count = sum(float(b.weights.sum()) for b in batches)
-    return float(total) / count
+def mean_loss(window_loss, params, batches: data.Windows) -> float:
+    """Mean nats per counted character over all `batches`."""
+    total, count = window_loss(params, batches)
+    return float(total) / float(count)
 
 
 def split_windows(ids: np.ndarray, seq_len: int) -> tuple[data.Windows, data.Windows]:

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 import checkpoint
@@ -54,6 +55,10 @@ class Config(NamedTuple):
     aim_repo: str = "."            # folder holding the Aim repository `.aim`
     sample_chars: int = 200        # characters sampled for Aim at each evaluation (0: none)
     plot_only: str = ""            # params file: redraw its run's loss plot and exit
+    distributed: bool = False      # several hosts: jax.distributed.initialize() first
+    coordinator_address: str = ""  # host:port of process 0 ("": from the environment)
+    num_processes: int | None = None  # processes in all (None: from the environment)
+    process_id: int | None = None  # this process (None: from the environment)
 
 
 CONFIG = Config()
@@ -88,8 +93,19 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
                     weight_decay=config.weight_decay, mask=decay_mask))
 
 
-def make_train_step(model: hk.Transformed, optimizer, batch_size: int, seq_len: int):
-    """jitted (state, train_ids) -> (state, metrics): one AdamW step on a random batch."""
+def make_mesh() -> jax.sharding.Mesh:
+    """A 1-D mesh over every device of every process: data parallelism splits the batch."""
+    return jax.make_mesh((jax.device_count(),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def make_train_step(model: hk.Transformed, optimizer, batch_size: int, seq_len: int,
+                    batch_sharding: jax.sharding.Sharding | None = None):
+    """jitted (state, train_ids) -> (state, metrics): one AdamW step on a random batch.
+
+    With `batch_sharding`, the batch is split across the mesh and, since the state is
+    replicated, XLA all-reduces the gradients: plain data parallelism.
+    """
 
     def loss_fn(params, rng, inputs, targets):
         logits = model.apply(params, rng, inputs, True)                      # [B, T, V]
@@ -98,6 +114,9 @@ def make_train_step(model: hk.Transformed, optimizer, batch_size: int, seq_len: 
     def train_step(state: TrainState, train_ids: jax.Array):
         rng, batch_key, dropout_key = jax.random.split(state.rng, 3)
         inputs, targets = data.sample_batch(batch_key, train_ids, batch_size, seq_len)
+        if batch_sharding is not None:
+            inputs, targets = jax.lax.with_sharding_constraint((inputs, targets),
+                                                               batch_sharding)
         loss, grads = jax.value_and_grad(loss_fn)(state.params, dropout_key, inputs, targets)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -224,6 +243,12 @@ def check_config(config: Config) -> None:
                  "log_interval"):
         if getattr(config, name) < 1:
             raise UserError(f"--{name}={getattr(config, name)}: must be >= 1.")
+    for name in ("batch_size", "eval_batch_size"):
+        if getattr(config, name) % jax.device_count():
+            raise UserError(
+                f"--{name}={getattr(config, name)} is not divisible by the {jax.device_count()}"
+                f" devices ({jax.devices()[0].platform}) it is split across: use a multiple "
+                f"of {jax.device_count()}.")
     if not config.learning_rate > 0:
         raise UserError(f"--learning_rate={config.learning_rate}: must be > 0.")
     if not 0 <= config.min_lr_ratio <= 1:
@@ -289,13 +314,22 @@ def train(config: Config, hparams: transformer.HParams, stop_at: int | None = No
                         f"characters) is shorter than max_seq_len={hparams.max_seq_len}.")
     train_windows, val_windows = evaluation.split_windows(
         ids, min(evaluation.EVAL_SEQ_LEN, hparams.max_seq_len))
-    train_batches = evaluation.batch_windows(train_windows, config.eval_batch_size)
-    val_batches = evaluation.batch_windows(val_windows, config.eval_batch_size)
+    mesh = make_mesh()
+    replicated = NamedSharding(mesh, P())
+    split_batch = NamedSharding(mesh, P("data"))
+    split_batches = NamedSharding(mesh, P(None, "data"))  # [batches, batch, T]
+    train_batches = evaluation.batch_windows(train_windows, config.eval_batch_size,
+                                             split_batches)
+    val_batches = evaluation.batch_windows(val_windows, config.eval_batch_size, split_batches)
     window_loss = evaluation.make_window_loss(model)
-    train_step = make_train_step(model, optimizer, config.batch_size, hparams.max_seq_len)
-    train_ids = jnp.asarray(train_ids)
+    train_step = make_train_step(model, optimizer, config.batch_size, hparams.max_seq_len,
+                                 split_batch)
+    train_ids = evaluation.put(train_ids, replicated)
+    state = jax.tree.map(lambda x: evaluation.put(np.asarray(x), replicated), state)
+    is_main = jax.process_index() == 0  # only process 0 writes files, plots and tracks
 
-    tracker = Tracker(config, start.meta.get("run_hash"))
+    tracker = Tracker(config if is_main else config._replace(aim=False),
+                      start.meta.get("run_hash"))
     run_hash = tracker.hash or start.meta.get("run_hash") or uuid.uuid4().hex[:24]
     tracker.set("hparams", hparams._asdict())
     tracker.set("config", config._asdict())
@@ -311,6 +345,8 @@ def train(config: Config, hparams: transformer.HParams, stop_at: int | None = No
 
     def save(path: str, step: int) -> None:
         meta["step"] = step
+        if not is_main:
+            return
         checkpoint.save(path, params=state.params, hparams=hparams, vocab=vocab, meta=meta,
                         opt_state=state.opt_state, rng=state.rng)
 
@@ -320,7 +356,7 @@ def train(config: Config, hparams: transformer.HParams, stop_at: int | None = No
           f"{len(vocab)} characters, steps {step} -> {config.max_iters}, params files "
           f"{latest_path}[.min_val.pkl]", file=sys.stderr)
     bar = tqdm(total=config.max_iters, initial=step, unit="step", dynamic_ncols=True,
-               disable=not sys.stderr.isatty())
+               disable=not (sys.stderr.isatty() and is_main))
     interval_start, interval_steps, tokens_per_s = time.time(), 0, 0.0
     with StopRequest() as stop:
         while step < config.max_iters and stop.signum is None and step != stop_at:
@@ -375,7 +411,7 @@ def train(config: Config, hparams: transformer.HParams, stop_at: int | None = No
             print(f"{why}stopped at step {step}; saved {latest_path}. Resume with:\n"
                   f"  python train.py --resume={latest_path}", file=sys.stderr)
     tracker.close()
-    if meta["history"]["step"]:
+    if meta["history"]["step"] and is_main:
         plot_losses(meta["history"], plot_path(config.params_dir, run_hash), f"run {run_hash}")
     meta["step"] = step
     return meta
@@ -391,6 +427,9 @@ def main(argv) -> int:
         plot_losses(ckpt.meta["history"], path, f"run {ckpt.meta['run_hash']}")
         print(path)
         return 0
+    if config.distributed:
+        jax.distributed.initialize(config.coordinator_address or None, config.num_processes,
+                                   config.process_id)
     check_config(config)
     try:
         transformer.validate(hparams)
