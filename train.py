@@ -352,64 +352,71 @@ def train(config: Config, hparams: transformer.HParams, stop_at: int | None = No
 
     step = int(state.step)
     tokens_per_step = config.batch_size * hparams.max_seq_len
-    print(f"run {run_hash}: {checkpoint.num_params(state.params):,} params, "
-          f"{len(vocab)} characters, steps {step} -> {config.max_iters}, params files "
-          f"{latest_path}[.min_val.pkl]", file=sys.stderr)
+    clock = {"start": time.time(), "steps": 0, "tokens_per_s": 0.0}  # since the last eval
+
+    def log_progress(metrics) -> None:
+        loss = float(metrics["loss"])  # host sync: only every log_interval steps
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(
+                f"the training loss is {loss} at step {step}: training stopped. The last good "
+                f"params files are kept ({latest_path}); try a lower --learning_rate.")
+        clock["tokens_per_s"] = clock["steps"] * tokens_per_step / (time.time() - clock["start"])
+        bar.set_postfix(loss=f"{loss:.3f}", val=f"{meta['val_loss'] or math.nan:.3f}",
+                        tok_s=f"{clock['tokens_per_s']:.0f}")
+        tracker.track(step, batch_loss=loss, grad_norm=metrics["grad_norm"],
+                      learning_rate=make_schedule(config)(step - 1),
+                      tokens_per_s=clock["tokens_per_s"])
+
+    def evaluate_and_save() -> None:
+        train_loss = evaluation.mean_loss(window_loss, state.params, train_batches)
+        val_loss = evaluation.mean_loss(window_loss, state.params, val_batches)
+        if not math.isfinite(val_loss):
+            raise NonFiniteLoss(f"the validation loss is {val_loss} at step {step}: training "
+                                f"stopped; {latest_path} is kept.")
+        for name, value in (("step", step), ("train_loss", train_loss), ("val_loss", val_loss)):
+            meta["history"][name].append(value)
+        meta.update(train_loss=train_loss, val_loss=val_loss, eval_step=step)
+        if val_loss < meta["min_val_loss"]:
+            meta.update(min_val_loss=val_loss, min_val_step=step)
+            save(best_path, step)
+        save(latest_path, step)
+        if is_main:
+            bar.write(f"step {step} | train {train_loss:.4f} | val {val_loss:.4f} | "
+                      f"{clock['tokens_per_s']:.0f} tok/s | "
+                      f"lr {make_schedule(config)(step - 1):.2e}")
+            sys.stdout.flush()  # one grep-able line per evaluation, also through pipes
+        for subset, loss in (("train", train_loss), ("val", val_loss)):
+            tracker.track(step, {"subset": subset}, loss=loss, bpc=loss / math.log(2))
+        if sampler is not None and tracker.run is not None:
+            # Host copies: process 0 samples alone, outside the multi-process computation.
+            ids_out = sampler.sample(jax.device_get(state.params), newline,
+                                     jax.random.PRNGKey(step), config.sample_chars)
+            tracker.track_text(step, "sample", data.decode(ids_out, vocab))
+        clock.update(start=time.time(), steps=0)
+
+    if is_main:
+        print(f"run {run_hash}: {checkpoint.num_params(state.params):,} params, "
+              f"{len(vocab)} characters, steps {step} -> {config.max_iters}, params files "
+              f"{latest_path}[.min_val.pkl]", file=sys.stderr)
     bar = tqdm(total=config.max_iters, initial=step, unit="step", dynamic_ncols=True,
                disable=not (sys.stderr.isatty() and is_main))
-    interval_start, interval_steps, tokens_per_s = time.time(), 0, 0.0
     with StopRequest() as stop:
         while step < config.max_iters and stop.signum is None and step != stop_at:
             state, metrics = train_step(state, train_ids)
             step += 1
-            interval_steps += 1
+            clock["steps"] += 1
             bar.update(1)
             if step % config.log_interval == 0 or step % config.eval_interval == 0:
-                loss = float(metrics["loss"])  # host sync, only every log_interval steps
-                if not math.isfinite(loss):
-                    raise NonFiniteLoss(
-                        f"the training loss is {loss} at step {step}: training stopped. The "
-                        f"last good params files are kept ({latest_path}); try a lower "
-                        "--learning_rate or --grad_clip.")
-                tokens_per_s = interval_steps * tokens_per_step / (time.time() - interval_start)
-                bar.set_postfix(loss=f"{loss:.3f}", val=f"{meta['val_loss'] or math.nan:.3f}",
-                                tok_s=f"{tokens_per_s:.0f}")
-                tracker.track(step, batch_loss=loss, grad_norm=metrics["grad_norm"],
-                              learning_rate=make_schedule(config)(step - 1),
-                              tokens_per_s=tokens_per_s)
+                log_progress(metrics)
             if step % config.eval_interval == 0 or step == config.max_iters:
-                train_loss = evaluation.mean_loss(window_loss, state.params, train_batches)
-                val_loss = evaluation.mean_loss(window_loss, state.params, val_batches)
-                if not math.isfinite(val_loss):
-                    raise NonFiniteLoss(f"the validation loss is {val_loss} at step {step}: "
-                                        f"training stopped; {latest_path} is kept.")
-                history = meta["history"]
-                history["step"].append(step)
-                history["train_loss"].append(train_loss)
-                history["val_loss"].append(val_loss)
-                meta.update(train_loss=train_loss, val_loss=val_loss, eval_step=step)
-                if val_loss < meta["min_val_loss"]:
-                    meta.update(min_val_loss=val_loss, min_val_step=step)
-                    save(best_path, step)
-                save(latest_path, step)
-                bar.write(f"step {step} | train {train_loss:.4f} | val {val_loss:.4f} | "
-                          f"{tokens_per_s:.0f} tok/s | lr {make_schedule(config)(step - 1):.2e}")
-                sys.stdout.flush()  # one grep-able line per evaluation, also through pipes
-                tracker.track(step, {"subset": "train"}, loss=train_loss,
-                              bpc=train_loss / math.log(2))
-                tracker.track(step, {"subset": "val"}, loss=val_loss,
-                              bpc=val_loss / math.log(2))
-                if sampler is not None and tracker.run is not None:
-                    ids_out = sampler.sample(state.params, newline, jax.random.PRNGKey(step),
-                                             config.sample_chars)
-                    tracker.track_text(step, "sample", data.decode(ids_out, vocab))
-                interval_start, interval_steps = time.time(), 0
+                evaluate_and_save()
         bar.close()
         if step < config.max_iters:  # stopped early: by a signal, or at stop_at
             save(latest_path, step)
             why = "" if stop.signum is None else f"{signal.Signals(stop.signum).name}: "
-            print(f"{why}stopped at step {step}; saved {latest_path}. Resume with:\n"
-                  f"  python train.py --resume={latest_path}", file=sys.stderr)
+            if is_main:
+                print(f"{why}stopped at step {step}; saved {latest_path}. Resume with:\n"
+                      f"  python train.py --resume={latest_path}", file=sys.stderr)
     tracker.close()
     if meta["history"]["step"] and is_main:
         plot_losses(meta["history"], plot_path(config.params_dir, run_hash), f"run {run_hash}")

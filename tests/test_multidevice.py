@@ -70,3 +70,52 @@ def test_batch_not_divisible_by_devices_is_a_clear_error():
     assert result.returncode == 2
     assert "--batch_size=6 is not divisible by the 4 devices" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _eval_lines(stdout: str) -> list[tuple[int, float, float]]:
+    """(step, train, val) of each `step N | train X | val Y | ...` line."""
+    rows = []
+    for line in stdout.splitlines():
+        if line.startswith("step "):
+            fields = line.split(" | ")
+            rows.append((int(fields[0].split()[1]), float(fields[1].split()[1]),
+                         float(fields[2].split()[1])))
+    return rows
+
+
+def test_two_processes_with_jax_distributed_train_like_one(tmp_path):
+    """Two localhost processes (one CPU device each, gloo collectives) split each batch."""
+    import socket
+
+    from conftest import CORPUS, TINY
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = ["train.py", f"--source_file={CORPUS}", "--aim=False", "--max_iters=20",
+              "--eval_interval=10", "--batch_size=8", "--eval_batch_size=512",
+              "--sample_chars=0", *(f"--{k}={v}" for k, v in TINY._asdict().items())]
+    single = run_script(*common, f"--params_dir={tmp_path / 'single'}")
+    assert single.returncode == 0, single.stderr[-2000:]
+    multi_dir = tmp_path / "multi"
+    processes = [subprocess.Popen(
+        [sys.executable, *common, f"--params_dir={multi_dir}", "--distributed=True",
+         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+         f"--process_id={i}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=400) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    for p, (out, err) in zip(processes, outputs):
+        assert p.returncode == 0, err[-2000:]
+    expected = _eval_lines(single.stdout)
+    assert [row[0] for row in expected] == [10, 20]
+    got = _eval_lines(outputs[0][0])
+    assert [row[0] for row in got] == [10, 20]
+    np.testing.assert_allclose(np.array(got)[:, 1:], np.array(expected)[:, 1:], atol=2e-4)
+    assert _eval_lines(outputs[1][0]) == []  # process 1 does not log
+    # Only process 0 writes: one run's two params files and its plot (process 1's run hash
+    # differs, so any file of its own would show up here).
+    assert sorted(p.suffix for p in multi_dir.iterdir()) == [".pkl", ".pkl", ".png"]
