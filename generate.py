@@ -5,8 +5,8 @@ While the text fits the window, each new character costs one cached step (one po
 the model, keys and values of earlier positions kept). Once the window is full, every new
 character shifts all positions by one, and with absolute positions no cached key or value stays
 valid (each depends on its position and, past the first layer, on the window it saw), so the
-window is re-prefilled: one full pass over max_seq_len characters per character. Both paths
-live in one jitted scan over a chunk of characters, with static shapes.
+window is re-prefilled: one full pass over max_seq_len characters per character. Each path is
+a jitted scan over a chunk of characters, with static shapes.
 
 Character i of a stream is drawn with the key fold_in(key, i), so the text depends only on the
 seed, the params and the context, not on the chunk size or on the cache.
@@ -55,35 +55,41 @@ class Sampler:
         self.model = transformer.build_cached(hparams, vocab_size)
         self.temperature, self.top_k = temperature, top_k
         self.prefill = jax.jit(self._forward)
-        self.sample_chunk = jax.jit(self._sample_chunk)
+        self.sample_chunk = jax.jit(self._sample_chunk, static_argnames=("size", "cached"))
 
     def _forward(self, params, window, cache, length):
         """Full pass over the window [B, S]: logits at position length-1, cache of all."""
         logits, cache = self.model.apply(params, None, window, cache, 0)  # [B, S, V]
         return jax.lax.dynamic_index_in_dim(logits, length - 1, 1, keepdims=False), cache
 
-    def _step(self, params, state: SamplerState, key: jax.Array):
-        S = self.hp.max_seq_len
-        token = sample_logits(key, state.logits, self.temperature, self.top_k)  # [B]
+    def _cached_step(self, params, state: SamplerState, token: jax.Array) -> SamplerState:
+        """Appends token [B] at position `length` (< S): one position through the model."""
+        logits, cache = self.model.apply(params, None, token[:, None], state.cache,
+                                         state.length)                          # [B, 1, V]
+        window = jax.lax.dynamic_update_slice(state.window, token[:, None], (0, state.length))
+        return SamplerState(window, state.length + 1, cache, logits[:, 0])
 
-        def cached(state):  # one new position through the model
-            logits, cache = self.model.apply(params, None, token[:, None], state.cache,
-                                             state.length)                      # [B, 1, V]
-            window = jax.lax.dynamic_update_slice(state.window, token[:, None],
-                                                  (0, state.length))
-            return SamplerState(window, state.length + 1, cache, logits[:, 0])
+    def _slide_step(self, params, state: SamplerState, token: jax.Array) -> SamplerState:
+        """The window is full: drop its first character, append token, re-prefill."""
+        window = jnp.concatenate([state.window[:, 1:], token[:, None]], axis=1)  # [B, S]
+        logits, cache = self._forward(params, window, state.cache, self.hp.max_seq_len)
+        return SamplerState(window, state.length, cache, logits)
 
-        def slide(state):  # the window is full: drop its first character, re-prefill
-            window = jnp.concatenate([state.window[:, 1:], token[:, None]], axis=1)  # [B, S]
-            logits, cache = self._forward(params, window, state.cache, S)
-            return SamplerState(window, state.length, cache, logits)
+    def _sample_chunk(self, params, state: SamplerState, key: jax.Array, first: jax.Array,
+                      size: int, cached: bool):
+        """Characters first..first+size-1 of the stream: (state, tokens [B, size]).
 
-        return jax.lax.cond(state.length < S, cached, slide, state), token
+        The host picks the path per chunk (`cached` is static): a lax.cond inside the scan
+        made XLA copy the weights into the branch at every character on the CPU.
+        """
+        step = self._cached_step if cached else self._slide_step
 
-    def _sample_chunk(self, params, state: SamplerState, key: jax.Array, first: jax.Array):
-        """Characters first..first+chunk-1 of the stream: (state, tokens [B, chunk])."""
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(self.chunk))
-        state, tokens = jax.lax.scan(lambda s, k: self._step(params, s, k), state, keys)
+        def body(state, index):
+            token = sample_logits(jax.random.fold_in(key, index), state.logits,
+                                  self.temperature, self.top_k)                 # [B]
+            return step(params, state, token), token
+
+        state, tokens = jax.lax.scan(body, state, first + jnp.arange(size))
         return state, tokens.T
 
     def start(self, params, context_ids: np.ndarray, num_samples: int) -> SamplerState:
@@ -100,16 +106,24 @@ class Sampler:
 
     def stream(self, params, context_ids: np.ndarray, key: jax.Array,
                num_samples: int = 1) -> Iterator[np.ndarray]:
-        """Yields chunks of sampled ids [num_samples, chunk], forever; the next chunk is
-        already dispatched while the caller handles this one."""
+        """Yields chunks of sampled ids [num_samples, size], forever; the next chunk is
+        already dispatched while the caller handles this one.
+
+        Chunks are `chunk` characters, but single characters where the window fills up, so
+        that every cached step has a free position (the host knows the length).
+        """
         state = self.start(params, context_ids, num_samples)
-        first = 0
-        state, tokens = self.sample_chunk(params, state, key, jnp.int32(first))
+        length = min(len(context_ids), self.hp.max_seq_len)
+        first, pending = 0, None
         while True:
-            first += self.chunk
-            state, next_tokens = self.sample_chunk(params, state, key, jnp.int32(first))
-            yield np.asarray(tokens)
-            tokens = next_tokens
+            free = self.hp.max_seq_len - length
+            size = self.chunk if free >= self.chunk or not free else 1
+            state, tokens = self.sample_chunk(params, state, key, jnp.int32(first), size=size,
+                                              cached=free > 0)
+            first, length = first + size, min(length + size, self.hp.max_seq_len)
+            if pending is not None:
+                yield np.asarray(pending)
+            pending = tokens
 
     def sample(self, params, context_ids: np.ndarray, key: jax.Array, num_chars: int,
                num_samples: int = 1) -> np.ndarray:
