@@ -32,7 +32,6 @@ from common import UserError, parse_overrides, run_main
 class Config(NamedTuple):
     batch_size: int = 32          # training batch, sequences of max_seq_len characters
     train_steps: int = 10         # timed training steps (after 2 warm-up steps)
-    sample_chars: int = 256       # characters per timed sampling run
     num_samples: int = 8          # streams for the batch sampling figure
     params: str = ""              # sample from this params file (default: random init)
     json: str = ""                # also write the results here as flat JSON
@@ -54,7 +53,8 @@ def timed(fn, repeats: int) -> list[float]:
 
 
 def bench_ceilings(config, hp) -> dict:
-    """Peak jitted matmul FLOP/s in float32 and bfloat16 (float32 accumulation), copy GB/s."""
+    """Peak jitted matmul FLOP/s in float32 and bfloat16 (float32 accumulation); memory
+    bandwidth as a numpy copy (bytes read + written) and as a jitted reduction (read)."""
     n = 2048
     out = {}
     for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16)):
@@ -63,10 +63,14 @@ def bench_ceilings(config, hp) -> dict:
         matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
         seconds = statistics.median(timed(lambda: matmul(a, b).block_until_ready(), 10))
         out[f"peak_{name}_gflops"] = 2 * n**3 / seconds / 1e9
-    x = jnp.ones((64 * 2**20 // 4,), jnp.float32)  # 64 MiB, beyond the caches
-    copy = jax.jit(lambda x: x + 0.0)
-    seconds = statistics.median(timed(lambda: copy(x).block_until_ready(), 20))
-    out["copy_gb_per_s"] = 2 * x.nbytes / seconds / 1e9  # read + write
+    source = np.ones(256 * 2**20 // 4, np.float32)  # 256 MiB, far beyond the caches
+    dest = np.empty_like(source)
+    seconds = statistics.median(timed(lambda: np.copyto(dest, source), 10))
+    out["copy_gb_per_s"] = 2 * source.nbytes / seconds / 1e9
+    device_array = jnp.asarray(source)
+    total = jax.jit(jnp.sum)
+    seconds = statistics.median(timed(lambda: total(device_array).block_until_ready(), 10))
+    out["read_gb_per_s"] = source.nbytes / seconds / 1e9
     return out
 
 
@@ -115,36 +119,35 @@ def _sampling_params(config, hp):
 
 
 def bench_sample(config, hp) -> dict:
-    """Characters per second of the cached sampler (window filling, and full), one stream
-    and num_samples streams, and of a full forward pass per character (the original's way)."""
+    """Characters per second of the sampler's two paths, timed chunk by chunk from a fixed
+    state: cached steps (the window not yet full) for 1 and num_samples streams, and the
+    sliding window (re-prefill per character); and of the original's way, a full forward
+    pass per character from Python."""
     import generate
 
     params, hp, vocab_size = _sampling_params(config, hp)
+    params = jax.device_put(params)
     sampler = generate.Sampler(hp, vocab_size)
-    key = jax.random.PRNGKey(0)
-    S = hp.max_seq_len
-    # Fill phase: from a one-character context, the next S-1 characters are cached steps.
-    fill = min(S - 1, config.sample_chars) // generate.CHUNK * generate.CHUNK
+    key, S, size = jax.random.PRNGKey(0), hp.max_seq_len, generate.CHUNK
     out = {}
-    for name, context, num_chars, streams in (
-            ("sample_cached_chars_per_s", [0], fill, 1),
-            ("sample_full_window_chars_per_s", [0] * S, config.sample_chars, 1),
-            ("sample_batch_cached_chars_per_s", [0], fill, config.num_samples)):
-        run = lambda: sampler.sample(params, np.array(context, np.int32), key, num_chars,
-                                     streams)
-        seconds = statistics.median(timed(run, 3))
-        out[name] = streams * num_chars / seconds
-    # The original's sampler: a full forward pass over the window for every character.
+    for name, context_len, cached, streams in (
+            ("sample_cached_chars_per_s", 1, True, 1),
+            ("sample_batch_cached_chars_per_s", 1, True, config.num_samples),
+            ("sample_full_window_chars_per_s", S, False, 1)):
+        state = sampler.start(params, np.zeros(context_len, np.int32), streams)
+        run = lambda: sampler.sample_chunk(params, state, key, jnp.int32(0), size=size,
+                                           cached=cached)[1].block_until_ready()
+        out[name] = streams * size / statistics.median(timed(run, 10))
     apply = jax.jit(transformer.build(hp, vocab_size).apply, static_argnums=3)
     window = jnp.zeros((1, S), jnp.int32)
 
     def full_forward():
-        for i in range(32):
+        for i in range(size):
             logits = apply(params, None, window, False)[:, -1]
             generate.sample_logits(jax.random.fold_in(key, i), logits, 1.0, None)
         logits.block_until_ready()
 
-    out["sample_full_forward_chars_per_s"] = 32 / statistics.median(timed(full_forward, 3))
+    out["sample_full_forward_chars_per_s"] = size / statistics.median(timed(full_forward, 3))
     out["weight_bytes"] = sum(x.nbytes for x in jax.tree.leaves(params))
     return out
 
@@ -179,8 +182,7 @@ def main(argv) -> int:
     for name in SECTIONS:
         print(f"# running {name} ...", file=sys.stderr)
         results.update(run_section(name, argv))
-    peak = results["peak_f32_gflops"]
-    results["mfu"] = results["train_gflops"] / peak
+    results["mfu"] = results["train_gflops"] / results["peak_f32_gflops"]
     results["sample_bandwidth_bound_chars_per_s"] = (
         results["copy_gb_per_s"] * 1e9 / results["weight_bytes"])
     results["sample_fraction_of_bound"] = (
@@ -199,7 +201,8 @@ def print_table(r: dict, hp, config) -> None:
                   f" T {hp.max_seq_len}, batch {config.batch_size}"),
         ("matmul peak f32 / bf16", f"{r['peak_f32_gflops']:.0f} / {r['peak_bf16_gflops']:.0f}"
                                    " GFLOP/s"),
-        ("copy bandwidth", f"{r['copy_gb_per_s']:.1f} GB/s"),
+        ("memory bandwidth copy / read", f"{r['copy_gb_per_s']:.1f} / "
+                                         f"{r['read_gb_per_s']:.1f} GB/s"),
         ("train", f"{r['train_tokens_per_s']:.0f} tokens/s ({r['train_step_s']:.3f} s/step)"),
         ("model FLOPs per token", f"{r['flops_per_token'] / 1e6:.1f} MFLOP"),
         ("achieved / MFU (f32)", f"{r['train_gflops']:.0f} GFLOP/s / {100 * r['mfu']:.1f}%"),
