@@ -400,24 +400,26 @@ def train(config: Config, hparams: transformer.HParams, stop_at: int | None = No
               f"{latest_path}[.min_val.pkl]", file=sys.stderr)
     bar = tqdm(total=config.max_iters, initial=step, unit="step", dynamic_ncols=True,
                disable=not (sys.stderr.isatty() and is_main))
-    with StopRequest() as stop:
-        while step < config.max_iters and stop.signum is None and step != stop_at:
-            state, metrics = train_step(state, train_ids)
-            step += 1
-            clock["steps"] += 1
-            bar.update(1)
-            if step % config.log_interval == 0 or step % config.eval_interval == 0:
-                log_progress(metrics)
-            if step % config.eval_interval == 0 or step == config.max_iters:
-                evaluate_and_save()
-        bar.close()
-        if step < config.max_iters:  # stopped early: by a signal, or at stop_at
-            save(latest_path, step)
-            why = "" if stop.signum is None else f"{signal.Signals(stop.signum).name}: "
-            if is_main:
-                print(f"{why}stopped at step {step}; saved {latest_path}. Resume with:\n"
-                      f"  python train.py --resume={latest_path}", file=sys.stderr)
-    tracker.close()
+    try:
+        with StopRequest() as stop:
+            while step < config.max_iters and stop.signum is None and step != stop_at:
+                state, metrics = train_step(state, train_ids)
+                step += 1
+                clock["steps"] += 1
+                bar.update(1)
+                if step % config.log_interval == 0 or step % config.eval_interval == 0:
+                    log_progress(metrics)
+                if step % config.eval_interval == 0 or step == config.max_iters:
+                    evaluate_and_save()
+            bar.close()
+            if step < config.max_iters:  # stopped early: by a signal, or at stop_at
+                save(latest_path, step)
+                why = "" if stop.signum is None else f"{signal.Signals(stop.signum).name}: "
+                if is_main:
+                    print(f"{why}stopped at step {step}; saved {latest_path}. Resume with:\n"
+                          f"  python train.py --resume={latest_path}", file=sys.stderr)
+    finally:  # also on a NaN loss or an error: the Aim run is closed, not left open
+        tracker.close()
     if meta["history"]["step"] and is_main:
         plot_losses(meta["history"], plot_path(config.params_dir, run_hash), f"run {run_hash}")
     meta["step"] = step

@@ -178,9 +178,9 @@ class Transformer(hk.Module):
     def __call__(self, tokens, is_training, cache=None, start=0):
         hp = self.hp
         B, T = tokens.shape
-        if T > hp.max_seq_len:
-            raise ValueError(f"sequence length T={T} exceeds HParams.max_seq_len="
-                             f"{hp.max_seq_len}.")
+        if T > hp.max_seq_len or (isinstance(start, int) and start + T > hp.max_seq_len):
+            raise ValueError(f"positions {start}..{start + T - 1} exceed HParams.max_seq_len="
+                             f"{hp.max_seq_len} (sequence length T={T}).")
         positions = start + jnp.arange(T)                                   # [T]
         embed_init = hk.initializers.TruncatedNormal(0.02)
         x = hk.Embed(self.vocab_size, hp.d_model, w_init=embed_init,
@@ -228,8 +228,9 @@ def build(hp: HParams, vocab_size: int) -> hk.Transformed:
 def build_cached(hp: HParams, vocab_size: int) -> hk.Transformed:
     """apply(params, None, tokens [B, T], cache, start) -> (logits [B, T, V], cache).
 
-    Inference only (no dropout). `start` (may be traced) is the position of tokens[:, 0];
-    the cache comes from init_cache and holds positions < start from earlier calls.
+    Inference only (no dropout). `start` is the position of tokens[:, 0]; the cache comes
+    from init_cache and holds positions < start from earlier calls. A traced `start` cannot
+    be checked: the caller keeps start + T <= max_seq_len (past it, the cache write clamps).
     """
     validate(hp)
 
