@@ -172,3 +172,19 @@ def test_non_finite_loss_stops_with_clear_error_and_keeps_files(tmp_path, monkey
     (latest,) = [p for p in os.listdir(config.params_dir)
                  if p.endswith(".pkl") and not p.endswith("min_val.pkl")]
     assert checkpoint.load(os.path.join(config.params_dir, latest)).meta["step"] == 10
+
+
+def test_train_step_compiles_once(tmp_path):
+    """Static shapes: the jitted step (and evaluation) never recompile after the first call."""
+    config = tiny_config(tmp_path)
+    text = evaluation.data.load_corpus(CORPUS)
+    vocab = evaluation.data.build_vocab(text)
+    model = transformer.build(TINY, len(vocab))
+    optimizer = train.make_optimizer(config)
+    state = train.fresh_start(config, TINY, vocab, model, optimizer).state
+    step = train.make_train_step(model, optimizer, config.batch_size, TINY.max_seq_len)
+    ids = jax.numpy.asarray(evaluation.data.encode(text[:5000], vocab))
+    for _ in range(3):
+        state, metrics = step(state, ids)
+    assert int(state.step) == 3 and math.isfinite(float(metrics["loss"]))
+    assert step._cache_size() == 1
