@@ -20,7 +20,7 @@ import optax
 import checkpoint
 import data
 import transformer
-from common import UserError, format_config, parse_overrides, run_main
+from common import UserError, parse_overrides, run_main
 
 DEFAULT_PARAMS = "params/params.shipped.pkl.min_val.pkl"
 EVAL_SEQ_LEN = 128  # the project's metric: windows of 128 characters, whatever max_seq_len
@@ -35,7 +35,7 @@ class Config(NamedTuple):
     top_k: int | None = None                 # sample among the k likeliest characters only
     num_samples: int = 1                     # independent streams sampled together
     source_file: str = data.CORPUS_FILE      # corpus for eval.py's losses
-    eval_batch_size: int = 32                # windows per jitted evaluation call
+    eval_batch_size: int = 32                # windows per step of the evaluation lax.map
 
 
 CONFIG = Config()

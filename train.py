@@ -47,7 +47,7 @@ class Config(NamedTuple):
     prng_seed: int = 6436          # initialization, batches and dropout all follow from it
     source_file: str = data.CORPUS_FILE  # the corpus (SHA-256 checked)
     eval_interval: int = 500       # steps between full evaluations and params files
-    eval_batch_size: int = 32      # windows per jitted evaluation call
+    eval_batch_size: int = 32      # windows per step of the evaluation lax.map
     log_interval: int = 10         # steps between progress updates (each syncs the host)
     resume: str = ""               # params file (`params/params.<hash>.pkl`) to continue
     params_dir: str = "params"     # where params files and the loss plot go
@@ -283,7 +283,7 @@ def resume_start(config, hparams, optimizer) -> Start:
         raise UserError(f"--resume={config.resume}: the file has no optimizer state or rng "
                         "(a shipped params file?); resume from a training run's file.")
     params = jax.device_put(ckpt.params)
-    structure = jax.tree.structure(optimizer.init(params))
+    structure = jax.tree.structure(jax.eval_shape(optimizer.init, params))  # no compute
     if structure.num_leaves != len(ckpt.opt_state):
         raise UserError(f"--resume={config.resume}: its optimizer state does not match this "
                         "optimizer (was weight decay or clipping switched on or off?).")

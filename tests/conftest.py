@@ -25,11 +25,6 @@ TINY = transformer.HParams(max_seq_len=16, d_model=32, h=4, d_ff=64, decoder_N=2
                            encoder_N=1, use_encoder=False, dropout=0.1)
 
 
-@pytest.fixture
-def tiny_hparams():
-    return TINY
-
-
 def tiny_config(tmp_dir, **changes):
     """train.CONFIG for a run of seconds: tiny batches, frequent evaluation, no Aim."""
     import train

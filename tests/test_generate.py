@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 import checkpoint
-import data
 import generate
 import transformer
 from conftest import TINY, run_script
