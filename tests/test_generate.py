@@ -170,3 +170,25 @@ def test_bad_input_exits_2_with_a_clear_message(tiny_run, tmp_path):
         assert message in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "pwned").exists()
+
+
+def test_ctrl_c_ends_an_endless_stream_cleanly(tiny_run):
+    """num_chars=None streams until Ctrl-C, which ends it with exit 0 and no traceback."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    process = subprocess.Popen(
+        [sys.executable, "generate.py", f"--params={tiny_run['best']}", "--prng_seed=3"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        streamed = process.stdout.read(300)  # the 128-character context, then samples
+        process.send_signal(signal.SIGINT)
+        rest, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert len(streamed) == 300
+    assert process.returncode == 0, err.decode()
+    assert b"Traceback" not in err
