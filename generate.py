@@ -128,14 +128,15 @@ class Sampler:
     def sample(self, params, context_ids: np.ndarray, key: jax.Array, num_chars: int,
                num_samples: int = 1) -> np.ndarray:
         """num_chars sampled ids per stream: [num_samples, num_chars]."""
+        if num_chars == 0:
+            return np.zeros((num_samples, 0), np.int32)
         chunks, total = [], 0
         for chunk in self.stream(params, context_ids, key, num_samples):
-            if total >= num_chars:
-                break
             chunks.append(chunk)
             total += chunk.shape[1]
-        return np.concatenate(chunks, axis=1)[:, :num_chars] if chunks else np.zeros(
-            (num_samples, 0), np.int32)
+            if total >= num_chars:  # stop before the stream dispatches yet another chunk
+                break
+        return np.concatenate(chunks, axis=1)[:, :num_chars]
 
 
 def read_context(path: str, vocab: str) -> tuple[str, np.ndarray]:

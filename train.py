@@ -351,6 +351,7 @@ def train(config: Config, hparams: transformer.HParams, stop_at: int | None = No
                         opt_state=state.opt_state, rng=state.rng)
 
     step = int(state.step)
+    schedule = make_schedule(config)  # the optimizer's learning rate, for the logs
     tokens_per_step = config.batch_size * hparams.max_seq_len
     clock = {"start": time.time(), "steps": 0, "tokens_per_s": 0.0}  # since the last eval
 
@@ -364,7 +365,7 @@ def train(config: Config, hparams: transformer.HParams, stop_at: int | None = No
         bar.set_postfix(loss=f"{loss:.3f}", val=f"{meta['val_loss'] or math.nan:.3f}",
                         tok_s=f"{clock['tokens_per_s']:.0f}")
         tracker.track(step, batch_loss=loss, grad_norm=metrics["grad_norm"],
-                      learning_rate=make_schedule(config)(step - 1),
+                      learning_rate=schedule(step - 1),
                       tokens_per_s=clock["tokens_per_s"])
 
     def evaluate_and_save() -> None:
@@ -383,7 +384,7 @@ def train(config: Config, hparams: transformer.HParams, stop_at: int | None = No
         if is_main:
             bar.write(f"step {step} | train {train_loss:.4f} | val {val_loss:.4f} | "
                       f"{clock['tokens_per_s']:.0f} tok/s | "
-                      f"lr {make_schedule(config)(step - 1):.2e}")
+                      f"lr {schedule(step - 1):.2e}")
             sys.stdout.flush()  # one grep-able line per evaluation, also through pipes
         for subset, loss in (("train", train_loss), ("val", val_loss)):
             tracker.track(step, {"subset": subset}, loss=loss, bpc=loss / math.log(2))
