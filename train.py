@@ -59,9 +59,21 @@ class Config(NamedTuple):
     coordinator_address: str = ""  # host:port of process 0 ("": from the environment)
     num_processes: int | None = None  # processes in all (None: from the environment)
     process_id: int | None = None  # this process (None: from the environment)
+    preset: str = "gpu"            # named recipe (PRESETS) whose settings replace these
 
 
 CONFIG = Config()
+
+# Named recipes: `--preset=NAME` starts from its settings; other --name=value still win.
+# "gpu" is the defaults above, the original project's settings for a GPU. "cpu" is the best
+# recipe found for 60 minutes on a 2-core CPU (README, "Results"): it shipped the params.
+PRESETS = {
+    "gpu": (CONFIG, transformer.HPARAMS),
+    "cpu": (CONFIG._replace(preset="cpu", batch_size=16, max_iters=5800, learning_rate=2e-3,
+                            warmup_iters=100, eval_interval=1000),
+            transformer.HPARAMS._replace(d_model=192, h=4, d_ff=768, decoder_N=4,
+                                         dropout=0.0)),
+}
 
 
 class TrainState(NamedTuple):
@@ -427,8 +439,23 @@ def train(config: Config, hparams: transformer.HParams, stop_at: int | None = No
     return meta
 
 
+def resolve(argv) -> tuple[Config, transformer.HParams]:
+    """The run's config and HPARAMS: the arguments over the preset's settings or, with
+    --resume, over the config saved in the params file (and its HPARAMS), so that a resumed
+    run keeps its schedule without repeating its options."""
+    config, _ = parse_overrides(argv, CONFIG, transformer.HPARAMS)
+    if config.resume:
+        ckpt = checkpoint.load(config.resume)
+        saved = {k: v for k, v in ckpt.meta.get("config", {}).items() if k in Config._fields}
+        return parse_overrides(argv, CONFIG._replace(**saved), ckpt.hparams)
+    if config.preset not in PRESETS:
+        raise UserError(f"--preset={config.preset}: unknown preset. Valid presets: "
+                        f"{', '.join(PRESETS)}.")
+    return parse_overrides(argv, *PRESETS[config.preset])
+
+
 def main(argv) -> int:
-    config, hparams = parse_overrides(argv, CONFIG, transformer.HPARAMS)
+    config, hparams = resolve(argv)
     if config.plot_only:
         ckpt = checkpoint.load(config.plot_only)
         if not ckpt.meta.get("history", {}).get("step"):

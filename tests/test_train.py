@@ -79,11 +79,30 @@ def test_overrides_are_typed_and_checked():
         common.parse_overrides(["--max_iters"], train.CONFIG)
 
 
+def test_preset_sets_defaults_that_arguments_override():
+    assert train.resolve([]) == (train.CONFIG, transformer.HPARAMS)
+    cpu_config, cpu_hparams = train.PRESETS["cpu"]
+    config, hparams = train.resolve(["--preset=cpu", "--batch_size=8"])
+    assert hparams == transformer.validate(cpu_hparams) != transformer.HPARAMS
+    assert config == cpu_config._replace(batch_size=8) and config.preset == "cpu"
+    train.check_config(cpu_config)
+
+
+def test_resume_keeps_the_saved_config_under_new_arguments(tiny_run):
+    config, hparams = train.resolve([f"--resume={tiny_run['latest']}", "--max_iters=60"])
+    saved = tiny_run["meta"]["config"]
+    assert config.learning_rate == saved["learning_rate"] != train.CONFIG.learning_rate
+    assert config.batch_size == saved["batch_size"] != train.CONFIG.batch_size
+    assert (config.max_iters, config.resume) == (60, tiny_run["latest"])
+    assert hparams == TINY
+
+
 @pytest.mark.parametrize("args, message", [
     (["--bogus=1"], "unknown option --bogus"),
     (["--batch_size=0"], "--batch_size=0: must be >= 1"),
     (["--d_model=30", "--h=4"], "d_model=30 must be divisible by h=4"),
     (["--resume=/nonexistent.pkl"], "cannot read params file"),
+    (["--preset=tpu"], "--preset=tpu: unknown preset. Valid presets: gpu, cpu"),
 ])
 def test_bad_command_lines_exit_2_without_traceback(args, message):
     result = run_script("train.py", *args, f"--source_file={CORPUS}", "--aim=False")
