@@ -1,6 +1,7 @@
-"""What the scripts share: user errors, `--name=value` overrides, atomic file writes."""
+"""What the scripts share: user errors, `--name=value` overrides, atomic file writes, Ctrl-C."""
 
 import os
+import signal
 import sys
 import tempfile
 import types
@@ -84,3 +85,26 @@ def atomic_write(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+class StopRequest:
+    """Turns the first SIGINT/SIGTERM into a flag that a loop checks between its steps
+    (training steps, sampled chunks), so that it stops at a clean point rather than wherever
+    KeyboardInterrupt lands in JAX's internals; a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)

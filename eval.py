@@ -22,7 +22,8 @@ import data
 import transformer
 from common import UserError, parse_overrides, run_main
 
-DEFAULT_PARAMS = "params/params.shipped.pkl.min_val.pkl"
+# The shipped params: `python train.py --preset=cpu`'s best validation, without optimizer state.
+DEFAULT_PARAMS = "params/params.6aed7e9f201d4cc887681e05.pkl.min_val.pkl"
 EVAL_SEQ_LEN = 128  # the project's metric: windows of 128 characters, whatever max_seq_len
 
 
@@ -48,8 +49,9 @@ def load_params(path: str) -> checkpoint.Checkpoint:
     except checkpoint.CheckpointError:
         if path == DEFAULT_PARAMS:
             raise checkpoint.CheckpointError(
-                f"no params are shipped yet ({DEFAULT_PARAMS!r} is missing or unreadable). "
-                "Train a model with `make train` (or `python train.py`), then pass its file: "
+                f"the shipped params file {DEFAULT_PARAMS!r} is missing or unreadable (an "
+                "incomplete checkout?). Restore it with `git checkout -- params`, or train a "
+                "model (`python train.py --preset=cpu`) and pass its file: "
                 "--params=params/params.<run hash>.pkl.min_val.pkl") from None
         raise
 

@@ -23,7 +23,7 @@ import numpy as np
 import checkpoint
 import data
 import transformer
-from common import UserError, parse_overrides, run_main
+from common import StopRequest, UserError, parse_overrides, run_main
 from eval import CONFIG, load_params
 
 CHUNK = 16  # characters per jitted call: fewer dispatches, still streams smoothly
@@ -184,14 +184,15 @@ def main(argv) -> int:
             sys.stdout.write(context)
             sys.stdout.flush()
             written = 0
-            for chunk in sampler.stream(params, context_ids, key):
-                take = chunk.shape[1] if config.num_chars is None else min(
-                    chunk.shape[1], config.num_chars - written)
-                sys.stdout.write(data.decode(chunk[0, :take], ckpt.vocab))
-                sys.stdout.flush()
-                written += take
-                if written == config.num_chars:
-                    break
+            with StopRequest() as stop:  # Ctrl-C ends the stream after the current chunk
+                for chunk in sampler.stream(params, context_ids, key):
+                    take = chunk.shape[1] if config.num_chars is None else min(
+                        chunk.shape[1], config.num_chars - written)
+                    sys.stdout.write(data.decode(chunk[0, :take], ckpt.vocab))
+                    sys.stdout.flush()
+                    written += take
+                    if written == config.num_chars or stop.signum is not None:
+                        break
         else:
             ids = sampler.sample(params, context_ids, key, config.num_chars,
                                  config.num_samples)

@@ -32,7 +32,8 @@ import data
 import eval as evaluation
 import generate
 import transformer
-from common import UserError, atomic_write, format_config, parse_overrides, run_main
+from common import (StopRequest, UserError, atomic_write, format_config, parse_overrides,
+                    run_main)
 
 
 class Config(NamedTuple):
@@ -179,28 +180,6 @@ class Tracker:
     def close(self) -> None:
         if self.run is not None:
             self.run.close()
-
-
-class StopRequest:
-    """Turns the first SIGINT/SIGTERM into a flag the loop checks between steps; a second
-    Ctrl-C interrupts at once (an unfinished params file write leaves the old file)."""
-
-    def __init__(self):
-        self.signum = None
-        self._previous = {}
-
-    def __enter__(self):
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
 
 
 def library_versions() -> dict:

@@ -1,0 +1,32 @@
+"""The shipped params file: `make generate` works out of the box, and the file is what the
+README says it is (the cpu preset's model, its recorded validation loss)."""
+
+import os
+
+import pytest
+
+import checkpoint
+import eval as evaluation
+import train
+from conftest import CORPUS, ROOT, run_script
+
+
+def test_shipped_params_reproduce_their_recorded_validation_loss():
+    ckpt = checkpoint.load(evaluation.DEFAULT_PARAMS)
+    assert ckpt.hparams == train.PRESETS["cpu"][1]
+    assert ckpt.meta["config"]["preset"] == "cpu"
+    assert ckpt.opt_state is None and ckpt.rng is None  # shipped without optimizer state
+    metrics = evaluation.evaluate(ckpt, evaluation.CONFIG._replace(source_file=CORPUS))
+    assert metrics["val_loss"] == pytest.approx(ckpt.meta["min_val_loss"], abs=1e-4)
+    assert metrics["step"] == ckpt.meta["min_val_step"]
+
+
+def test_generate_samples_from_the_shipped_params_by_default():
+    with open(os.path.join(ROOT, evaluation.CONFIG.context_file), encoding="utf-8") as f:
+        context = f.read()
+    result = run_script("generate.py", "--prng_seed=1", "--num_chars=60")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(context)
+    assert len(result.stdout) == len(context) + 60 + 1  # and a final newline
+    again = run_script("generate.py", "--prng_seed=1", "--num_chars=60")
+    assert again.stdout == result.stdout
