@@ -70,12 +70,16 @@ def format_config(config: NamedTuple) -> str:
 def atomic_write(path: str, data: bytes) -> None:
     """Writes `data` to `path` so that readers see the old file or the new one, never a part.
 
-    Temporary file in the same folder, flush, fsync, then os.replace (atomic on POSIX).
+    Temporary file in the same folder, flush, fsync, then os.replace (atomic on POSIX). The
+    file gets the permissions of a plain `open(path, "wb")` (mkstemp's are owner-only).
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -332,3 +332,14 @@ def test_save_replaces_the_previous_file(tmp_path):
     assert ckpt.meta == {"step": 200}
     _assert_trees_equal(ckpt.params, _params(seed=7))
     assert os.listdir(tmp_path) == ["ckpt.pkl"]
+
+
+def test_saved_file_has_the_permissions_of_a_plain_write(tmp_path):
+    old_umask = os.umask(0o022)
+    try:
+        _save(tmp_path / "ckpt.pkl", meta={"step": 1})
+        (tmp_path / "plain").write_bytes(b"")
+    finally:
+        os.umask(old_umask)
+    assert os.stat(tmp_path / "plain").st_mode & 0o777 == 0o644
+    assert os.stat(tmp_path / "ckpt.pkl").st_mode & 0o777 == 0o644
