@@ -1,9 +1,9 @@
 """What the scripts share: user errors, `--name=value` overrides, atomic file writes, Ctrl-C."""
 
 import os
+import secrets
 import signal
 import sys
-import tempfile
 import types
 import typing
 from typing import Any, Callable, NamedTuple, Sequence
@@ -71,15 +71,14 @@ def atomic_write(path: str, data: bytes) -> None:
     """Writes `data` to `path` so that readers see the old file or the new one, never a part.
 
     Temporary file in the same folder, flush, fsync, then os.replace (atomic on POSIX). The
-    file gets the permissions of a plain `open(path, "wb")` (mkstemp's are owner-only).
+    temporary file is created with mode 0o666 so that the umask applies, as for a plain
+    `open(path, "wb")` (tempfile.mkstemp would make it owner-only).
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
+    tmp = os.path.join(folder, f"{os.path.basename(path)}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
