@@ -45,6 +45,8 @@ class Config(NamedTuple):
     weight_decay: float = 0.1      # AdamW decoupled decay, on matrices and embeddings only
     beta2: float = 0.99            # Adam's second-moment decay: small batches, noisy grads
     grad_clip: float = 1.0         # clip the global gradient norm to this (0: no clipping)
+    compute_dtype: str = "bfloat16"  # training matmuls' operands (float32 accumulation and
+                                   # params either way): "bfloat16" or "float32" (README)
     prng_seed: int = 6436          # initialization, batches and dropout all follow from it
     source_file: str = data.CORPUS_FILE  # the corpus (SHA-256 checked)
     eval_interval: int = 500       # steps between full evaluations and params files
@@ -247,6 +249,8 @@ def check_config(config: Config) -> None:
     for name in ("warmup_iters", "sample_chars", "weight_decay", "grad_clip"):
         if getattr(config, name) < 0:
             raise UserError(f"--{name}={getattr(config, name)}: must be >= 0.")
+    if config.compute_dtype not in ("bfloat16", "float32"):
+        raise UserError(f"--compute_dtype={config.compute_dtype!r}: 'bfloat16' or 'float32'.")
 
 
 class Start(NamedTuple):
@@ -297,7 +301,7 @@ def train(config: Config, hparams: transformer.HParams, stop_at: int | None = No
         start = fresh_start(config, hparams, vocab, transformer.build(hparams, len(vocab)),
                             optimizer)
     hparams, vocab, state = start.hparams, start.vocab, start.state
-    model = transformer.build(hparams, len(vocab))
+    model = transformer.build(hparams, len(vocab))  # evaluation: float32 throughout
     ids = data.encode(text, vocab)
     train_ids, _ = data.split(ids)
     if len(train_ids) <= hparams.max_seq_len:
@@ -313,8 +317,8 @@ def train(config: Config, hparams: transformer.HParams, stop_at: int | None = No
                                              split_batches)
     val_batches = evaluation.batch_windows(val_windows, config.eval_batch_size, split_batches)
     window_loss = evaluation.make_window_loss(model)
-    train_step = make_train_step(model, optimizer, config.batch_size, hparams.max_seq_len,
-                                 split_batch)
+    train_step = make_train_step(transformer.build(hparams, len(vocab), config.compute_dtype),
+                                 optimizer, config.batch_size, hparams.max_seq_len, split_batch)
     train_ids = evaluation.put(train_ids, replicated)
     state = jax.tree.map(lambda x: evaluation.put(np.asarray(x), replicated), state)
     is_main = jax.process_index() == 0  # only process 0 writes files, plots and tracks

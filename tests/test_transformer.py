@@ -285,6 +285,71 @@ def test_zero_dropout_training_equals_evaluation(use_encoder, dropout):
     np.testing.assert_allclose(train_logits, eval_logits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rate", [0.2, 0.5])
+def test_dropout_drops_its_rounded_rate_and_keeps_the_mean(rate):
+    """_dropout zeroes a fraction round(rate * 256) / 256 of the elements, at random places,
+    and scales the rest so that the mean is unchanged; evaluation leaves x as it is."""
+    x = jnp.ones((64, 1001))  # a size not divisible by 4: the last word's bytes are cut
+    dropout = hk.transform(lambda x, is_training: transformer._dropout(x, rate, is_training))
+    out = np.asarray(dropout.apply({}, jax.random.PRNGKey(0), x, True))
+    dropped = round(rate * 256) / 256
+    assert abs((out == 0).mean() - dropped) < 0.01
+    np.testing.assert_allclose(out[out != 0], 1 / (1 - dropped), rtol=1e-6)
+    assert abs(out.mean() - 1.0) < 0.02
+    # The dropped places differ along every axis (no repeated pattern between rows).
+    assert not np.array_equal(out[0] == 0, out[1] == 0)
+    assert not np.array_equal(out[:, 0] == 0, out[:, 1] == 0)
+    np.testing.assert_array_equal(dropout.apply({}, None, x, False), x)
+
+
+def test_low_precision_matmul_gradients_match_float32():
+    """matmul with bfloat16 operands: float32 result, and gradients (computed by the custom
+    rule in bfloat16 with float32 accumulation) within bfloat16 rounding of float32's."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (64, 48))
+    w = jax.random.normal(jax.random.PRNGKey(1), (48, 32)) / 7
+    g = jax.random.normal(jax.random.PRNGKey(2), (64, 32))
+
+    def vjp(x, w):
+        out, pullback = jax.vjp(transformer.matmul, x, w)
+        return (out, *pullback(g.astype(out.dtype)))
+
+    exact = vjp(x, w)
+    low = vjp(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    assert [a.dtype for a in low] == [jnp.float32, jnp.bfloat16, jnp.bfloat16]
+    for a, b in zip(low, exact):
+        scale = np.abs(np.asarray(b)).max()
+        np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=0.02 * scale)
+        assert not np.array_equal(np.asarray(a, np.float32), b)  # it did run in bfloat16
+
+
+def test_bfloat16_compute_keeps_float32_params_and_matches_float32_loss():
+    """build(compute_dtype="bfloat16"): same parameters (float32), float32 logits, and the
+    loss and its gradient close to float32's (bfloat16 rounding)."""
+    hp = tiny(False, dropout=0.0)
+    params = random_params(hp)
+    tokens, targets = random_tokens(20), random_tokens(21)
+
+    def loss_and_grads(compute_dtype):
+        model = transformer.build(hp, VOCAB, compute_dtype)
+        assert jax.tree.map(jnp.shape, param_shapes(hp)) == jax.tree.map(
+            jnp.shape, jax.eval_shape(functools.partial(model.init, is_training=False),
+                                      jax.random.PRNGKey(0), tokens))
+
+        def loss(params):
+            logits = model.apply(params, None, tokens, True)
+            assert logits.dtype == jnp.float32
+            return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    (loss32, grads32), (loss16, grads16) = loss_and_grads("float32"), loss_and_grads("bfloat16")
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads16))
+    assert loss16 != loss32 and abs(loss16 - loss32) < 0.02 * loss32
+    flat32, flat16 = (jnp.concatenate([g.ravel() for g in jax.tree.leaves(t)])
+                      for t in (grads32, grads16))
+    cosine = flat32 @ flat16 / jnp.linalg.norm(flat32) / jnp.linalg.norm(flat16)
+    assert cosine > 0.99, cosine
+
+
 # ---------------------------------------------------------------------------------------------
 # Pre-norm structure
 
