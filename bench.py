@@ -8,7 +8,8 @@ that its peak resident memory is its own. Run it with nothing else on the machin
 Model FLOPs per trained token (nanoGPT's / PaLM's estimate):
   6 * P + 12 * N * T * D     (P parameters without the embeddings, N layers, T context, D width)
 forward + backward of every matmul, plus the attention scores and weighted sum.
-MFU = achieved model FLOP/s / the measured peak matmul FLOP/s of the precision in use.
+Training is timed for each --compute_dtypes value (train.py's --compute_dtype); its
+MFU = achieved model FLOP/s / the measured peak matmul FLOP/s of that precision.
 """
 
 import json
@@ -32,6 +33,7 @@ from common import UserError, parse_overrides, run_main
 class Config(NamedTuple):
     batch_size: int = 32          # training batch, sequences of max_seq_len characters
     train_steps: int = 10         # timed training steps (after 2 warm-up steps)
+    compute_dtypes: str = "float32,bfloat16"  # train.Config.compute_dtype values to time
     num_samples: int = 8          # streams for the batch sampling figure
     params: str = ""              # sample from this params file (default: random init)
     json: str = ""                # also write the results here as flat JSON
@@ -83,6 +85,7 @@ def flops_per_token(hp, vocab_size: int) -> float:
 
 
 def bench_train(config, hp) -> dict:
+    """Per compute dtype: the real jitted train step (dropout on), median seconds per step."""
     import data
     import train
 
@@ -90,22 +93,26 @@ def bench_train(config, hp) -> dict:
     vocab = data.build_vocab(text)
     train_ids = jnp.asarray(data.split(data.encode(text, vocab))[0])
     train_config = train.CONFIG._replace(batch_size=config.batch_size)
-    model = transformer.build(hp, len(vocab))
     optimizer = train.make_optimizer(train_config)
-    state = train.fresh_start(train_config, hp, vocab, model, optimizer).state
-    step = train.make_train_step(model, optimizer, config.batch_size, hp.max_seq_len)
-
-    def run():
-        nonlocal state
-        state, metrics = step(state, train_ids)
-        metrics["loss"].block_until_ready()
-
-    run()  # compile
-    seconds = statistics.median(timed(run, config.train_steps))
-    tokens_per_s = config.batch_size * hp.max_seq_len / seconds
     flops = flops_per_token(hp, len(vocab))
-    return {"train_step_s": seconds, "train_tokens_per_s": tokens_per_s,
-            "flops_per_token": flops, "train_gflops": tokens_per_s * flops / 1e9}
+    out = {"flops_per_token": flops}
+    for dtype in config.compute_dtypes.split(","):
+        model = transformer.build(hp, len(vocab), dtype)
+        state = train.fresh_start(train_config, hp, vocab, model, optimizer).state
+        step = train.make_train_step(model, optimizer, config.batch_size, hp.max_seq_len)
+
+        def run():
+            nonlocal state
+            state, metrics = step(state, train_ids)
+            metrics["loss"].block_until_ready()
+
+        run()  # compile
+        seconds = statistics.median(timed(run, config.train_steps))
+        tokens_per_s = config.batch_size * hp.max_seq_len / seconds
+        out.update({f"train_{dtype}_step_s": seconds,
+                    f"train_{dtype}_tokens_per_s": tokens_per_s,
+                    f"train_{dtype}_gflops": tokens_per_s * flops / 1e9})
+    return out
 
 
 def _sampling_params(config, hp):
@@ -166,12 +173,25 @@ def run_section(name: str, argv) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+PEAK_NAMES = {"float32": "f32", "bfloat16": "bf16"}
+
+
+def train_default_dtype() -> str:
+    import train
+
+    return train.CONFIG.compute_dtype
+
+
 def main(argv) -> int:
     config, hp = parse_overrides(argv, CONFIG, transformer.HPARAMS)
     try:
         transformer.validate(hp)
     except ValueError as e:
         raise UserError(str(e)) from None
+    bad = [d for d in config.compute_dtypes.split(",") if d not in PEAK_NAMES]
+    if bad:
+        raise UserError(f"--compute_dtypes={config.compute_dtypes!r}: a comma-separated list "
+                        f"of {', '.join(PEAK_NAMES)}.")
     if config.section:
         out = SECTIONS[config.section](config, hp)
         out[f"{config.section}_peak_rss_mb"] = (
@@ -183,7 +203,15 @@ def main(argv) -> int:
     for name in SECTIONS:
         print(f"# running {name} ...", file=sys.stderr)
         results.update(run_section(name, argv))
-    results["mfu"] = results["train_gflops"] / results["peak_f32_gflops"]
+    dtypes = config.compute_dtypes.split(",")
+    for dtype in dtypes:  # MFU against the measured peak of the precision in use
+        results[f"train_{dtype}_mfu"] = (results[f"train_{dtype}_gflops"]
+                                         / results[f"peak_{PEAK_NAMES[dtype]}_gflops"])
+    # The headline figures: train.py's default compute dtype when it was timed.
+    best = default if (default := train_default_dtype()) in dtypes else dtypes[0]
+    for key in ("step_s", "tokens_per_s", "gflops", "mfu"):
+        results[f"train_{key}"] = results[f"train_{best}_{key}"]
+    results["train_compute_dtype"] = best
     results["sample_bandwidth_bound_chars_per_s"] = (
         results["copy_gb_per_s"] * 1e9 / results["weight_bytes"])
     results["sample_fraction_of_bound"] = (
@@ -204,9 +232,12 @@ def print_table(r: dict, hp, config) -> None:
                                    " GFLOP/s"),
         ("memory bandwidth copy / read", f"{r['copy_gb_per_s']:.1f} / "
                                          f"{r['read_gb_per_s']:.1f} GB/s"),
-        ("train", f"{r['train_tokens_per_s']:.0f} tokens/s ({r['train_step_s']:.3f} s/step)"),
         ("model FLOPs per token", f"{r['flops_per_token'] / 1e6:.1f} MFLOP"),
-        ("achieved / MFU (f32)", f"{r['train_gflops']:.0f} GFLOP/s / {100 * r['mfu']:.1f}%"),
+        *[(f"train, {d} matmuls", f"{r[f'train_{d}_tokens_per_s']:.0f} tokens/s "
+                                  f"({r[f'train_{d}_step_s']:.3f} s/step), "
+                                  f"{r[f'train_{d}_gflops']:.0f} GFLOP/s, MFU "
+                                  f"{100 * r[f'train_{d}_mfu']:.1f}% of {PEAK_NAMES[d]} peak")
+          for d in config.compute_dtypes.split(",")],
         ("sample, cached, 1 stream", f"{r['sample_cached_chars_per_s']:.0f} chars/s "
                                      f"({100 * r['sample_fraction_of_bound']:.0f}% of the "
                                      f"{r['sample_bandwidth_bound_chars_per_s']:.0f} chars/s "

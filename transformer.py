@@ -101,7 +101,7 @@ def _dropout(x: jax.Array, rate: float, is_training: bool) -> jax.Array:
     rounded to a multiple of 1/256 (0.2 -> 51/256 = 0.199); kept values are scaled by the
     exact inverse keep probability, so the expectation is unchanged.
     """
-    drop = round(rate * 256)  # drop an element when its byte is < drop
+    drop = min(round(rate * 256), 255)  # drop an element when its byte is < drop
     if not is_training or drop == 0:
         return x
     words = jax.random.bits(hk.next_rng_key(), (-(-x.size // 4),), jnp.uint32)
@@ -149,13 +149,13 @@ _low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bw
 
 
 class Linear(hk.Linear):
-    """hk.Linear (same parameters and initializers) whose matmul goes through `matmul`.
+    """hk.Linear (same parameters and initializers, always a bias) computed by `matmul`.
 
     Under a jmp policy (see build's `compute_dtype`) Haiku casts the input and parameters to
     the compute dtype before this call and the output to float32 after it.
     """
 
-    def __call__(self, inputs: jax.Array, *, precision=None) -> jax.Array:
+    def __call__(self, inputs: jax.Array) -> jax.Array:
         *batch, self.input_size = inputs.shape
         w = hk.get_parameter("w", [self.input_size, self.output_size], inputs.dtype,
                              init=self.w_init or hk.initializers.TruncatedNormal(
@@ -298,7 +298,7 @@ def build(hp: HParams, vocab_size: int, compute_dtype: str = "float32") -> hk.Tr
     """apply(params, rng, tokens [B, T] int32, is_training) -> logits [B, T, V] float32.
 
     compute_dtype "bfloat16" puts Linear under a jmp policy (float32 parameters, bfloat16
-    compute, float32 output): the projections and feed-forward matmuls (97% of the FLOPs at
+    compute, float32 output): the projections and feed-forward matmuls (95% of the FLOPs at
     the default shape) take bfloat16 operands and accumulate in float32. The attention
     scores and weighted sum, LayerNorm, softmax, the residual stream and the loss stay
     float32.

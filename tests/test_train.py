@@ -103,6 +103,7 @@ def test_resume_keeps_the_saved_config_under_new_arguments(tiny_run):
     (["--d_model=30", "--h=4"], "d_model=30 must be divisible by h=4"),
     (["--resume=/nonexistent.pkl"], "cannot read params file"),
     (["--preset=tpu"], "--preset=tpu: unknown preset. Valid presets: gpu, cpu"),
+    (["--compute_dtype=float16"], "--compute_dtype='float16': 'bfloat16' or 'float32'"),
 ])
 def test_bad_command_lines_exit_2_without_traceback(args, message):
     result = run_script("train.py", *args, f"--source_file={CORPUS}", "--aim=False")
