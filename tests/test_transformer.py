@@ -302,32 +302,47 @@ def test_dropout_drops_its_rounded_rate_and_keeps_the_mean(rate):
     np.testing.assert_array_equal(dropout.apply({}, None, x, False), x)
 
 
-def test_low_precision_matmul_gradients_match_float32():
-    """matmul with bfloat16 operands: float32 result, and gradients (computed by the custom
-    rule in bfloat16 with float32 accumulation) within bfloat16 rounding of float32's."""
-    x = jax.random.normal(jax.random.PRNGKey(0), (64, 48))
-    w = jax.random.normal(jax.random.PRNGKey(1), (48, 32)) / 7
-    g = jax.random.normal(jax.random.PRNGKey(2), (64, 32))
+@pytest.mark.parametrize("spec, shape_a, shape_b", [
+    ("mi,io->mo", (64, 48), (48, 32)),                      # Linear (transformer.matmul)
+    ("bthk,bshk->bhts", (3, 4, 2, 16), (3, 4, 2, 16)),      # attention scores (einsum)
+    ("bhts,bshk->bthk", (3, 2, 4, 4), (3, 4, 2, 16)),       # attention output (einsum)
+])
+def test_low_precision_gradients_match_float32(spec, shape_a, shape_b):
+    """matmul / einsum with bfloat16 operands: a float32 result, and gradients (the custom
+    rule, in bfloat16 with float32 accumulation) within bfloat16 rounding of float32's."""
+    fn = transformer.matmul if spec == "mi,io->mo" else functools.partial(transformer.einsum,
+                                                                          spec)
+    a = jax.random.normal(jax.random.PRNGKey(0), shape_a)
+    b = jax.random.normal(jax.random.PRNGKey(1), shape_b) / 7
+    g = jax.random.normal(jax.random.PRNGKey(2), jax.eval_shape(fn, a, b).shape)
 
-    def vjp(x, w):
-        out, pullback = jax.vjp(transformer.matmul, x, w)
+    def vjp(a, b):
+        out, pullback = jax.vjp(fn, a, b)
         return (out, *pullback(g.astype(out.dtype)))
 
-    exact = vjp(x, w)
-    low = vjp(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
-    assert [a.dtype for a in low] == [jnp.float32, jnp.bfloat16, jnp.bfloat16]
-    for a, b in zip(low, exact):
-        scale = np.abs(np.asarray(b)).max()
-        np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=0.02 * scale)
-        assert not np.array_equal(np.asarray(a, np.float32), b)  # it did run in bfloat16
+    exact = vjp(a, b)
+    np.testing.assert_allclose(exact[0], jnp.einsum(spec, a, b), rtol=1e-5, atol=1e-5)
+    low = jax.jit(vjp)(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))
+    assert [x.dtype for x in low] == [jnp.float32, jnp.bfloat16, jnp.bfloat16]
+    for x, y in zip(low, exact):
+        scale = np.abs(np.asarray(y)).max()
+        np.testing.assert_allclose(np.asarray(x, np.float32), y, atol=0.02 * scale)
+        assert not np.array_equal(np.asarray(x, np.float32), y)  # it did run in bfloat16
 
 
-def test_bfloat16_compute_keeps_float32_params_and_matches_float32_loss():
+@pytest.mark.parametrize("changes, batch_size", [
+    ({}, BATCH_SIZE),
+    # Key size above the context, 3 sequences of 2 heads: shapes where XLA:CPU once chose a
+    # layout it has no bfloat16 kernel for (UNIMPLEMENTED at run time).
+    ({"max_seq_len": 4, "d_model": 64, "h": 2}, 3),
+])
+def test_bfloat16_compute_keeps_float32_params_and_matches_float32_loss(changes, batch_size):
     """build(compute_dtype="bfloat16"): same parameters (float32), float32 logits, and the
-    loss and its gradient close to float32's (bfloat16 rounding)."""
-    hp = tiny(False, dropout=0.0)
+    loss and its gradient close to float32's (bfloat16 rounding), dropout on."""
+    hp = tiny(False, **changes)
     params = random_params(hp)
-    tokens, targets = random_tokens(20), random_tokens(21)
+    tokens = random_tokens(20, hp.max_seq_len, batch_size)
+    targets = random_tokens(21, hp.max_seq_len, batch_size)
 
     def loss_and_grads(compute_dtype):
         model = transformer.build(hp, VOCAB, compute_dtype)
@@ -336,7 +351,7 @@ def test_bfloat16_compute_keeps_float32_params_and_matches_float32_loss():
                                       jax.random.PRNGKey(0), tokens))
 
         def loss(params):
-            logits = model.apply(params, None, tokens, True)
+            logits = model.apply(params, jax.random.PRNGKey(3), tokens, True)
             assert logits.dtype == jnp.float32
             return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
         return jax.jit(jax.value_and_grad(loss))(params)
