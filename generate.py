@@ -32,11 +32,18 @@ CHUNK = 16  # characters per jitted call: fewer dispatches, still streams smooth
 def sample_logits(key: jax.Array, logits: jax.Array, temperature: float,
                   top_k: int | None) -> jax.Array:
     """One character id per row of logits [B, V], drawn after temperature and top-k."""
+    return pick(logits, jax.random.gumbel(key, logits.shape), temperature, top_k)
+
+
+def pick(logits: jax.Array, noise: jax.Array, temperature: float,
+         top_k: int | None) -> jax.Array:
+    """sample_logits with its Gumbel noise [B, V] drawn beforehand: the argmax of logits plus
+    noise is jax.random.categorical's draw, id for id."""
     logits = logits.astype(jnp.float32) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth_largest = jax.lax.top_k(logits, top_k)[0][:, -1:]           # [B, 1]
         logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)  # [B]
+    return jnp.argmax(logits + noise, axis=-1).astype(jnp.int32)        # [B]
 
 
 class SamplerState(NamedTuple):
@@ -83,13 +90,16 @@ class Sampler:
         made XLA copy the weights into the branch at every character on the CPU.
         """
         step = self._cached_step if cached else self._slide_step
+        # The chunk's noise, drawn before the loop: threefry on the CPU is a loop of its own,
+        # and inside the scan it made XLA copy every KV cache at each character.
+        noise = jax.vmap(lambda index: jax.random.gumbel(
+            jax.random.fold_in(key, index), state.logits.shape))(first + jnp.arange(size))
 
-        def body(state, index):
-            token = sample_logits(jax.random.fold_in(key, index), state.logits,
-                                  self.temperature, self.top_k)                 # [B]
+        def body(state, noise):
+            token = pick(state.logits, noise, self.temperature, self.top_k)     # [B]
             return step(params, state, token), token
 
-        state, tokens = jax.lax.scan(body, state, first + jnp.arange(size))
+        state, tokens = jax.lax.scan(body, state, noise)                 # noise [size, B, V]
         return state, tokens.T
 
     def start(self, params, context_ids: np.ndarray, num_samples: int) -> SamplerState:
