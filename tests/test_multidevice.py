@@ -18,7 +18,10 @@ import checkpoint, data, generate, train, transformer
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 out_dir = sys.argv[1]
-config = tiny_config(out_dir, max_iters=20, eval_interval=10, batch_size=8, log_interval=1)
+# float32 matmuls: bfloat16 rounds each device's partial gradients before they are summed,
+# so its result depends on the split by more than this test's tolerance.
+config = tiny_config(out_dir, max_iters=20, eval_interval=10, batch_size=8, log_interval=1,
+                     compute_dtype="float32")
 text = data.load_corpus(config.source_file)
 vocab = data.build_vocab(text)
 model = transformer.build(TINY, len(vocab))
