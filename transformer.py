@@ -13,10 +13,9 @@ each query attend to every cached position <= its own, so a prefill (start=0, T 
 by one-token steps gives the same logits as one full forward pass.
 """
 
+import functools
 import math
 from typing import NamedTuple
-
-import functools
 
 import haiku as hk
 import jax
