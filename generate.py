@@ -49,7 +49,7 @@ def pick(logits: jax.Array, noise: jax.Array, temperature: float,
 class SamplerState(NamedTuple):
     window: jax.Array   # [B, S] int32: the last `length` characters, left-aligned
     length: jax.Array   # [] int32: characters in the window, 1..S
-    cache: tuple        # KVCache per attention block, valid for positions < length
+    cache: tuple        # KVCache per attention block (ChunkCache within a chunk)
     logits: jax.Array   # [B, V] for the next character
 
 
@@ -90,6 +90,9 @@ class Sampler:
         made XLA copy the weights into the branch at every character on the CPU.
         """
         step = self._cached_step if cached else self._slide_step
+        full_cache = state.cache
+        if cached:  # the chunk's keys and values go to a small cache of their own
+            state = state._replace(cache=transformer.start_chunk(state.cache, state.length, size))
         # The chunk's noise, drawn before the loop: threefry on the CPU is a rolled loop of its
         # own, which nested in the scan body cost 75 us per character plus buffer copies.
         noise = jax.vmap(lambda index: jax.random.gumbel(
@@ -100,6 +103,8 @@ class Sampler:
             return step(params, state, token), token
 
         state, tokens = jax.lax.scan(body, state, noise)                 # noise [size, B, V]
+        if cached:  # then join the full cache, in one write per chunk
+            state = state._replace(cache=transformer.end_chunk(full_cache, state.cache))
         return state, tokens.T
 
     def start(self, params, context_ids: np.ndarray, num_samples: int) -> SamplerState:

@@ -79,6 +79,34 @@ class KVCache(NamedTuple):
     v: jax.Array  # [B, S, H, K]
 
 
+class ChunkCache(NamedTuple):
+    """For a chunk of one-position steps: a KVCache only read, and the chunk's own keys and
+    values. Written at every step, the full cache was copied whole by XLA:CPU each time (it
+    copies the operand of each dynamic_update_slice in a loop). start_chunk makes them,
+    end_chunk writes `recent` into the full cache, once per chunk."""
+    cache: KVCache    # positions < start, keys [B, H, K, S] and values [B, H, S, K]: the
+                      # layouts the matmuls read (else XLA transposes them at every step)
+    recent: KVCache   # [B, C, H, K]: positions start..start+C-1, filled step by step
+    start: jax.Array  # [] int32
+
+
+def start_chunk(cache: tuple[KVCache, ...], start, length: int) -> tuple[ChunkCache, ...]:
+    """ChunkCaches over `cache` for `length` one-position steps from position `start`."""
+    def chunk(c: KVCache) -> ChunkCache:
+        B, _, H, K = c.k.shape
+        recent = KVCache(*(jnp.zeros((B, length, H, K), c.k.dtype) for _ in range(2)))
+        read_only = KVCache(c.k.transpose(0, 2, 3, 1), c.v.transpose(0, 2, 1, 3))
+        return ChunkCache(read_only, recent, start)
+    return tuple(map(chunk, cache))
+
+
+def end_chunk(cache: tuple[KVCache, ...], chunks: tuple[ChunkCache, ...]):
+    """`cache` (as given to start_chunk) with the chunk's keys and values written in."""
+    return tuple(KVCache(*(jax.lax.dynamic_update_slice(old, new, (0, c.start, 0, 0))
+                           for old, new in zip(full, c.recent)))
+                 for full, c in zip(cache, chunks))
+
+
 def init_cache(hp: HParams, batch_size: int, dtype=jnp.float32) -> tuple[KVCache, ...]:
     """Empty caches for every attention block, in the order the model uses them."""
     num_encoder = hp.encoder_N if hp.use_encoder else 0
@@ -227,7 +255,7 @@ class Attention(hk.Module):
         self.dropout = hp.dropout
 
     def __call__(self, x: jax.Array, positions: jax.Array, is_training: bool,
-                 cache: KVCache | None = None, memory: jax.Array | None = None):
+                 cache: KVCache | ChunkCache | None = None, memory: jax.Array | None = None):
         B, T, D = x.shape
         H, K = self.num_heads, self.key_size
         # Fused projections: one wide matmul runs faster than three narrow ones.
@@ -238,6 +266,16 @@ class Attention(hk.Module):
             q = Linear(H * K, name="query")(x).reshape(B, T, H, K)      # [B, T, H, K]
             kv = Linear(2 * H * K, name="key_value")(memory)             # [B, T, 2HK]
             k, v = jnp.split(kv.reshape(B, T, 2 * H, K), 2, axis=2)        # [B, T, H, K]
+        if isinstance(cache, ChunkCache):
+            out, cache = self._attend_chunk(q, k, v, positions, cache)
+        else:
+            out, cache = self._attend(q, k, v, positions, cache, is_training)
+        out = Linear(D, name="out")(out.reshape(B, T, H * K))        # [B, T, D]
+        return _dropout(out, self.dropout, is_training), cache
+
+    def _attend(self, q, k, v, positions, cache: KVCache | None, is_training: bool):
+        """Causal attention of q over k, v [B, T, H, K] (written into `cache` at positions,
+        then over all its S positions). -> (out [B, T, H, K], cache)."""
         if cache is not None:  # write this call's positions, attend over all S cached ones
             start = (0, positions[0], 0, 0)
             k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
@@ -249,7 +287,7 @@ class Attention(hk.Module):
             # Dropout on the attention weights needs them explicitly: no fused kernel.
             # Matmuls in the compute dtype of Linear's policy; softmax in float32.
             q, k, v = _cast_to_compute(q, k, v)
-            logits = einsum("bthk,bshk->bhts", q, k) / math.sqrt(K)    # [B, H, T, S]
+            logits = einsum("bthk,bshk->bhts", q, k) / math.sqrt(self.key_size)  # [B,H,T,S]
             logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
             weights = _dropout(jax.nn.softmax(logits), self.dropout, is_training)
             weights, = _cast_to_compute(weights)
@@ -257,8 +295,26 @@ class Attention(hk.Module):
         else:
             out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
                                                mask=mask[None, None])  # [B, T, H, K]
-        out = Linear(D, name="out")(out.reshape(B, T, H * K))        # [B, T, D]
-        return _dropout(out, self.dropout, is_training), cache
+        return out, cache
+
+    def _attend_chunk(self, q, k, v, positions, cache: ChunkCache):
+        """Writes k, v [B, T, H, K] into cache.recent; q attends over cache.cache's positions
+        < cache.start and the recent ones <= its own. -> (out [B, T, H, K], cache)."""
+        offset = (0, positions[0] - cache.start, 0, 0)
+        recent = KVCache(*(jax.lax.dynamic_update_slice(old, new.astype(old.dtype), offset)
+                           for old, new in ((cache.recent.k, k), (cache.recent.v, v))))
+        S, C = cache.cache.k.shape[-1], recent.k.shape[1]
+        old_mask = jnp.broadcast_to(jnp.arange(S) < cache.start, (len(positions), S))
+        recent_mask = cache.start + jnp.arange(C) <= positions[:, None]
+        mask = jnp.concatenate([old_mask, recent_mask], axis=1)           # [T, S + C]
+        logits = jnp.concatenate([jnp.einsum("bthk,bhks->bhts", q, cache.cache.k),
+                                  jnp.einsum("bthk,bshk->bhts", q, recent.k)], axis=-1)
+        logits = jnp.where(mask, logits / math.sqrt(self.key_size),
+                           jnp.finfo(logits.dtype).min)                  # [B, H, T, S + C]
+        weights = jax.nn.softmax(logits)
+        out = (jnp.einsum("bhts,bhsk->bthk", weights[..., :S], cache.cache.v)
+               + jnp.einsum("bhts,bshk->bthk", weights[..., S:], recent.v))  # [B, T, H, K]
+        return out, cache._replace(recent=recent)
 
 
 def _feed_forward(x: jax.Array, hp: HParams, is_training: bool) -> jax.Array:
@@ -368,6 +424,8 @@ def build_cached(hp: HParams, vocab_size: int) -> hk.Transformed:
     Inference only (no dropout). `start` is the position of tokens[:, 0]; the cache comes
     from init_cache and holds positions < start from earlier calls. A traced `start` cannot
     be checked: the caller keeps start + T <= max_seq_len (past it, the cache write clamps).
+    The cache's entries may be ChunkCaches instead (one per block): the new keys and values
+    go to their `recent` part.
     """
     validate(hp)
 

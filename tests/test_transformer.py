@@ -453,6 +453,32 @@ def test_cached_prefill_and_steps_match_full_forward(use_encoder):
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("use_encoder", [False, True])
+def test_chunk_cache_steps_match_full_forward(use_encoder):
+    """Steps through ChunkCaches (the full cache only read, new keys in a chunk-sized cache)
+    give the full forward's logits, in chunks of 4 (start_chunk, steps, end_chunk)."""
+    hp = tiny(use_encoder, encoder_N=2 if use_encoder else 1)
+    params = random_params(hp)
+    prefill, chunk = 5, 4
+    tokens = random_tokens(15)
+    full = jitted_apply(hp, False)(params, None, tokens)                   # [B, T, V]
+
+    cached = jax.jit(transformer.build_cached(hp, VOCAB).apply)
+    logits, cache = cached(params, None, tokens[:, :prefill],
+                           transformer.init_cache(hp, BATCH_SIZE), 0)
+    steps = [logits]
+    for start in range(prefill, hp.max_seq_len - chunk + 1, chunk):
+        state = transformer.start_chunk(cache, jnp.int32(start), chunk)
+        for t in range(start, start + chunk):
+            logits, state = cached(params, None, tokens[:, t:t + 1], state, jnp.int32(t))
+            steps.append(logits)
+        cache = transformer.end_chunk(cache, state)
+    done = prefill + len(steps) - 1
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full[:, :done],
+                               atol=1e-5, rtol=1e-5)
+    assert done == hp.max_seq_len - (hp.max_seq_len - prefill) % chunk
+
+
 # ---------------------------------------------------------------------------------------------
 # Overfitting
 
