@@ -5,12 +5,14 @@ Shapes, as in the comments below:
   D  d_model                H  heads                         K  key size (D / H)
   F  d_ff                   V  vocabulary size               N  layers
 
-One model, three ways to call it (same parameters, same module names):
+One model, two ways to call it (same parameters, same module names):
   build(hp, V).apply(params, rng, tokens, is_training)          -> logits         (train, eval)
   build_cached(hp, V).apply(params, None, tokens, cache, start) -> logits, cache  (sampling)
 The cached form writes the keys and values of positions start..start+T-1 into `cache` and lets
 each query attend to every cached position <= its own, so a prefill (start=0, T tokens) followed
-by one-token steps gives the same logits as one full forward pass.
+by one-token steps gives the same logits as one full forward pass. For a run of one-token
+steps, start_chunk turns the cache into ChunkCaches that the steps only read (their own keys
+and values go to a small cache), and end_chunk writes those back: C = the chunk's length.
 """
 
 import functools
@@ -100,7 +102,8 @@ def start_chunk(cache: tuple[KVCache, ...], start, length: int) -> tuple[ChunkCa
     return tuple(map(chunk, cache))
 
 
-def end_chunk(cache: tuple[KVCache, ...], chunks: tuple[ChunkCache, ...]):
+def end_chunk(cache: tuple[KVCache, ...],
+              chunks: tuple[ChunkCache, ...]) -> tuple[KVCache, ...]:
     """`cache` (as given to start_chunk) with the chunk's keys and values written in."""
     return tuple(KVCache(*(jax.lax.dynamic_update_slice(old, new, (0, c.start, 0, 0))
                            for old, new in zip(full, c.recent)))
