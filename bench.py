@@ -176,12 +176,6 @@ def run_section(name: str, argv) -> dict:
 PEAK_NAMES = {"float32": "f32", "bfloat16": "bf16"}
 
 
-def train_default_dtype() -> str:
-    import train
-
-    return train.CONFIG.compute_dtype
-
-
 def main(argv) -> int:
     config, hp = parse_overrides(argv, CONFIG, transformer.HPARAMS)
     try:
@@ -208,7 +202,10 @@ def main(argv) -> int:
         results[f"train_{dtype}_mfu"] = (results[f"train_{dtype}_gflops"]
                                          / results[f"peak_{PEAK_NAMES[dtype]}_gflops"])
     # The headline figures: train.py's default compute dtype when it was timed.
-    best = default if (default := train_default_dtype()) in dtypes else dtypes[0]
+    import train
+
+    default = train.CONFIG.compute_dtype
+    best = default if default in dtypes else dtypes[0]
     for key in ("step_s", "tokens_per_s", "gflops", "mfu"):
         results[f"train_{key}"] = results[f"train_{best}_{key}"]
     results["train_compute_dtype"] = best

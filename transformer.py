@@ -407,9 +407,9 @@ def build(hp: HParams, vocab_size: int, compute_dtype: str = "float32") -> hk.Tr
     """apply(params, rng, tokens [B, T] int32, is_training) -> logits [B, T, V] float32.
 
     compute_dtype "bfloat16" puts Linear under a jmp policy (float32 parameters, bfloat16
-    compute, float32 output), which attention's matmuls follow: every matmul takes bfloat16
-    operands and accumulates in float32. LayerNorm, softmax, the residual stream and the loss
-    stay float32.
+    compute, float32 output), which attention's explicit path (training with dropout) follows:
+    those matmuls take bfloat16 operands and accumulate in float32. LayerNorm, softmax, the
+    residual stream and the loss stay float32.
     """
     validate(hp)
     policy = jmp.get_policy(f"params=float32,compute={compute_dtype},output=float32")
