@@ -10,6 +10,10 @@ Model FLOPs per trained token (nanoGPT's / PaLM's estimate):
 forward + backward of every matmul, plus the attention scores and weighted sum.
 Training is timed for each --compute_dtypes value (train.py's --compute_dtype); its
 MFU = achieved model FLOP/s / the measured peak matmul FLOP/s of that precision.
+
+Sampling one stream with the KV cache reads every weight once per character, so its bound
+is copy bandwidth / weight bytes, in characters per second: against the best copy of the
+ceilings section, and against copies made between the timed chunks (the same load).
 """
 
 import json
@@ -43,6 +47,10 @@ class Config(NamedTuple):
 CONFIG = Config()
 
 
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def timed(fn, repeats: int) -> list[float]:
     """Seconds per call of fn (which must block on its result), after one warm-up call."""
     fn()
@@ -52,6 +60,20 @@ def timed(fn, repeats: int) -> list[float]:
         fn()
         times.append(time.perf_counter() - start)
     return times
+
+
+def copy_bandwidth(mib: int = 256):
+    """A function that copies `mib` MiB (far beyond the caches) with numpy and returns the
+    bandwidth, bytes read + written per second, in GB/s."""
+    source = np.ones(mib * 2**20 // 4, np.float32)
+    dest = np.empty_like(source)
+
+    def measure() -> float:
+        start = time.perf_counter()
+        np.copyto(dest, source)
+        return 2 * source.nbytes / (time.perf_counter() - start) / 1e9
+    measure()  # the first copy also maps the destination's pages
+    return measure
 
 
 def bench_ceilings(config, hp) -> dict:
@@ -66,10 +88,10 @@ def bench_ceilings(config, hp) -> dict:
         matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
         seconds = min(timed(lambda: matmul(a, b).block_until_ready(), 10))
         out[f"peak_{name}_gflops"] = 2 * n**3 / seconds / 1e9
-    source = np.ones(256 * 2**20 // 4, np.float32)  # 256 MiB, far beyond the caches
-    dest = np.empty_like(source)
-    seconds = min(timed(lambda: np.copyto(dest, source), 10))
-    out["copy_gb_per_s"] = 2 * source.nbytes / seconds / 1e9
+    copy = copy_bandwidth()
+    out["copy_gb_per_s"] = max(copy() for _ in range(10))
+    del copy
+    source = np.ones(256 * 2**20 // 4, np.float32)
     device_array = jnp.asarray(source)
     total = jax.jit(jnp.sum)
     seconds = min(timed(lambda: total(device_array).block_until_ready(), 10))
@@ -136,7 +158,8 @@ def bench_sample(config, hp) -> dict:
     params, hp, vocab_size = _sampling_params(config, hp)
     params = jax.device_put(params)
     sampler = generate.Sampler(hp, vocab_size)
-    key, S, size = jax.random.PRNGKey(0), hp.max_seq_len, generate.CHUNK
+    key, S = jax.random.PRNGKey(0), hp.max_seq_len
+    size = min(generate.CHUNK, S - 1)  # cached steps from a 1-character context
     out = {}
     for name, context_len, cached, streams in (
             ("sample_cached_chars_per_s", 1, True, 1),
@@ -157,6 +180,25 @@ def bench_sample(config, hp) -> dict:
 
     out["sample_full_forward_chars_per_s"] = size / statistics.median(timed(full_forward, 3))
     out["weight_bytes"] = sum(x.nbytes for x in jax.tree.leaves(params))
+    out["sample_peak_rss_mb"] = peak_rss_mb()  # before the copy buffers below
+
+    # The bound under the same load: cached chunks timed again, each followed by a copy.
+    # Other tenants of a shared host slow both (the sampler more: 2.0 to 3.2 ms per
+    # character within an hour here), so this ratio drifts less than one against the best
+    # copy of the ceilings section, measured minutes apart.
+    state = sampler.start(params, np.zeros(1, np.int32), 1)
+    run = lambda: sampler.sample_chunk(params, state, key, jnp.int32(0), size=size,
+                                       cached=True)[1].block_until_ready()
+    copy, fractions, bandwidths = copy_bandwidth(), [], []
+    run()
+    for _ in range(10):
+        start = time.perf_counter()
+        run()
+        chars_per_s = size / (time.perf_counter() - start)
+        bandwidths.append(copy())
+        fractions.append(chars_per_s / (bandwidths[-1] * 1e9 / out["weight_bytes"]))
+    out["sample_paired_copy_gb_per_s"] = statistics.median(bandwidths)
+    out["sample_fraction_of_paired_bound"] = statistics.median(fractions)
     return out
 
 
@@ -182,14 +224,16 @@ def main(argv) -> int:
         transformer.validate(hp)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if hp.max_seq_len < 2:
+        raise UserError("bench.py times cached sampling steps after a 1-character context: "
+                        "it needs --max_seq_len >= 2.")
     bad = [d for d in config.compute_dtypes.split(",") if d not in PEAK_NAMES]
     if bad:
         raise UserError(f"--compute_dtypes={config.compute_dtypes!r}: a comma-separated list "
                         f"of {', '.join(PEAK_NAMES)}.")
     if config.section:
         out = SECTIONS[config.section](config, hp)
-        out[f"{config.section}_peak_rss_mb"] = (
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        out.setdefault(f"{config.section}_peak_rss_mb", peak_rss_mb())
         print(json.dumps(out))
         return 0
     results = {"device": str(jax.devices()[0]), "date": time.strftime("%Y-%m-%d"),
@@ -239,6 +283,9 @@ def print_table(r: dict, hp, config) -> None:
                                      f"({100 * r['sample_fraction_of_bound']:.0f}% of the "
                                      f"{r['sample_bandwidth_bound_chars_per_s']:.0f} chars/s "
                                      "bandwidth bound)"),
+        ("  paired with copies", f"{100 * r['sample_fraction_of_paired_bound']:.0f}% of the "
+                                 "bound at the copy bandwidth measured after each chunk "
+                                 f"(median {r['sample_paired_copy_gb_per_s']:.1f} GB/s)"),
         (f"sample, cached, {config.num_samples} streams",
          f"{r['sample_batch_cached_chars_per_s']:.0f} chars/s in all"),
         ("sample, window full (re-prefill)",

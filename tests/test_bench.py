@@ -1,0 +1,37 @@
+"""bench.py end to end on a tiny model: every figure of its table is in its JSON, and bad
+options exit 2. (Its numbers are measurements, not checked here: see README, Benchmark.)"""
+
+import json
+
+from conftest import TINY, run_script
+
+TINY_ARGS = [f"--{name}={value}" for name, value in TINY._asdict().items()]
+
+
+def test_bench_reports_every_figure(tmp_path):
+    path = tmp_path / "bench.json"
+    result = run_script("bench.py", *TINY_ARGS, "--batch_size=2", "--train_steps=1",
+                        "--num_samples=2", "--compute_dtypes=float32", f"--json={path}")
+    assert result.returncode == 0, result.stderr
+    r = json.loads(path.read_text())
+    for key in ("peak_f32_gflops", "peak_bf16_gflops", "copy_gb_per_s", "read_gb_per_s",
+                "train_tokens_per_s", "train_mfu", "sample_cached_chars_per_s",
+                "sample_batch_cached_chars_per_s", "sample_full_window_chars_per_s",
+                "sample_full_forward_chars_per_s", "sample_fraction_of_bound",
+                "sample_fraction_of_paired_bound", "sample_paired_copy_gb_per_s",
+                "ceilings_peak_rss_mb", "train_peak_rss_mb", "sample_peak_rss_mb"):
+        assert r[key] > 0, key
+    assert r["train_compute_dtype"] == "float32"
+    assert r["train_tokens_per_s"] == r["train_float32_tokens_per_s"]
+    assert r["sample_bandwidth_bound_chars_per_s"] == (
+        r["copy_gb_per_s"] * 1e9 / r["weight_bytes"])
+    assert "sample, cached, 1 stream" in result.stdout
+
+
+def test_bench_bad_options_exit_2():
+    for args, message in ((["--compute_dtypes=float16"], "--compute_dtypes"),
+                          (["--max_seq_len=1"], "--max_seq_len >= 2"),
+                          (["--d_model=30", "--h=4"], "divisible")):
+        result = run_script("bench.py", *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr
