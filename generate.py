@@ -5,8 +5,9 @@ While the text fits the window, each new character costs one cached step (one po
 the model, keys and values of earlier positions kept). Once the window is full, every new
 character shifts all positions by one, and with absolute positions no cached key or value stays
 valid (each depends on its position and, past the first layer, on the window it saw), so the
-window is re-prefilled: one full pass over max_seq_len characters per character. Each path is
-a jitted scan over a chunk of characters, with static shapes.
+window is re-prefilled: one full pass over max_seq_len characters per character, of which the
+last layer computes only what the last position's logits need. Each path is a jitted scan
+over a chunk of characters, with static shapes.
 
 Character i of a stream is drawn with the key fold_in(key, i), so the text depends only on the
 seed, the params and the context, not on the chunk size or on the cache.
@@ -49,7 +50,8 @@ def pick(logits: jax.Array, noise: jax.Array, temperature: float,
 class SamplerState(NamedTuple):
     window: jax.Array   # [B, S] int32: the last `length` characters, left-aligned
     length: jax.Array   # [] int32: characters in the window, 1..S
-    cache: tuple        # KVCache per attention block (ChunkCache within a chunk)
+    cache: tuple        # KVCache per attention block (ChunkCache within a chunk); no longer
+                        # read or written once the window is full
     logits: jax.Array   # [B, V] for the next character
 
 
@@ -60,6 +62,7 @@ class Sampler:
                  temperature: float = 1.0, top_k: int | None = None, chunk: int = CHUNK):
         self.hp, self.chunk = hparams, chunk
         self.model = transformer.build_cached(hparams, vocab_size)
+        self.full = transformer.build(hparams, vocab_size)  # once the window is full
         self.temperature, self.top_k = temperature, top_k
         self.prefill = jax.jit(self._forward)
         self.sample_chunk = jax.jit(self._sample_chunk, static_argnames=("size", "cached"))
@@ -79,8 +82,8 @@ class Sampler:
     def _slide_step(self, params, state: SamplerState, token: jax.Array) -> SamplerState:
         """The window is full: drop its first character, append token, re-prefill."""
         window = jnp.concatenate([state.window[:, 1:], token[:, None]], axis=1)  # [B, S]
-        logits, cache = self._forward(params, window, state.cache, self.hp.max_seq_len)
-        return SamplerState(window, state.length, cache, logits)
+        logits = self.full.apply(params, None, window, False, last_only=True)[:, 0]
+        return SamplerState(window, state.length, state.cache, logits)
 
     def _sample_chunk(self, params, state: SamplerState, key: jax.Array, first: jax.Array,
                       size: int, cached: bool):

@@ -8,6 +8,8 @@ Shapes, as in the comments below:
 One model, two ways to call it (same parameters, same module names):
   build(hp, V).apply(params, rng, tokens, is_training)          -> logits         (train, eval)
   build_cached(hp, V).apply(params, None, tokens, cache, start) -> logits, cache  (sampling)
+The first takes last_only=True for the last position's logits alone (sampling over a full
+window): the last layer then computes keys and values at every position, the rest at one.
 The cached form writes the keys and values of positions start..start+T-1 into `cache` and lets
 each query attend to every cached position <= its own, so a prefill (start=0, T tokens) followed
 by one-token steps gives the same logits as one full forward pass. For a run of one-token
@@ -258,7 +260,11 @@ class Attention(hk.Module):
         self.dropout = hp.dropout
 
     def __call__(self, x: jax.Array, positions: jax.Array, is_training: bool,
-                 cache: KVCache | ChunkCache | None = None, memory: jax.Array | None = None):
+                 cache: KVCache | ChunkCache | None = None, memory: jax.Array | None = None,
+                 last_query: bool = False):
+        """x [B, T, D] attends over itself or over memory [B, S, D] (the encoder's output at
+        the same positions, S = len(positions), T = S or 1). With last_query (no cache) only
+        the last position queries: the output is [B, 1, D]."""
         B, T, D = x.shape
         H, K = self.num_heads, self.key_size
         # Fused projections: one wide matmul runs faster than three narrow ones.
@@ -267,13 +273,15 @@ class Attention(hk.Module):
             q, k, v = jnp.split(qkv.reshape(B, T, 3 * H, K), 3, axis=2)    # [B, T, H, K]
         else:
             q = Linear(H * K, name="query")(x).reshape(B, T, H, K)      # [B, T, H, K]
-            kv = Linear(2 * H * K, name="key_value")(memory)             # [B, T, 2HK]
-            k, v = jnp.split(kv.reshape(B, T, 2 * H, K), 2, axis=2)        # [B, T, H, K]
+            kv = Linear(2 * H * K, name="key_value")(memory)             # [B, S, 2HK]
+            k, v = jnp.split(kv.reshape(B, -1, 2 * H, K), 2, axis=2)       # [B, S, H, K]
+        if last_query:  # keys and values need every position, the query only the last
+            q, positions = q[:, -1:], positions[-1:]                     # [B, 1, H, K]
         if isinstance(cache, ChunkCache):
             out, cache = self._attend_chunk(q, k, v, positions, cache)
         else:
             out, cache = self._attend(q, k, v, positions, cache, is_training)
-        out = Linear(D, name="out")(out.reshape(B, T, H * K))        # [B, T, D]
+        out = Linear(D, name="out")(out.reshape(B, q.shape[1], H * K))  # [B, T or 1, D]
         return _dropout(out, self.dropout, is_training), cache
 
     def _attend(self, q, k, v, positions, cache: KVCache | None, is_training: bool):
@@ -332,15 +340,19 @@ class Layer(hk.Module):
         super().__init__(name=name)
         self.hp = hp
 
-    def __call__(self, x, positions, is_training, memory=None, caches=(None, None)):
+    def __call__(self, x, positions, is_training, memory=None, caches=(None, None),
+                 last_query=False):
+        """x [B, T, D] -> [B, T, D], or [B, 1, D]: the last position only, with last_query
+        (what the last layer of a forward pass needs for the next character's logits)."""
         normed = _layer_norm("ln_self")(x)
         out, self_cache = Attention(self.hp, "self_attention")(
-            normed, positions, is_training, caches[0])
-        x = x + out
+            normed, positions, is_training, caches[0], last_query=last_query)
+        x = (x[:, -1:] if last_query else x) + out
         cross_cache = None
         if memory is not None:
             out, cross_cache = Attention(self.hp, "cross_attention")(
-                _layer_norm("ln_cross")(x), positions, is_training, caches[1], memory)
+                _layer_norm("ln_cross")(x), positions, is_training, caches[1], memory,
+                last_query=last_query)
             x = x + out
         x = x + _feed_forward(_layer_norm("ln_ff")(x), self.hp, is_training)
         return x, (self_cache, cross_cache)
@@ -363,12 +375,17 @@ class Transformer(hk.Module):
         super().__init__(name=name)
         self.hp, self.vocab_size = validate(hp), vocab_size
 
-    def __call__(self, tokens, is_training, cache=None, start=0):
+    def __call__(self, tokens, is_training, cache=None, start=0, last_only=False):
+        """logits [B, T, V] of tokens [B, T] (with a cache: and the cache); last_only: the
+        logits of the last position alone, [B, 1, V], computed without the rest of the last
+        layer's outputs (no cache)."""
         hp = self.hp
         B, T = tokens.shape
         if T > hp.max_seq_len or (isinstance(start, int) and start + T > hp.max_seq_len):
             raise ValueError(f"positions {start}..{start + T - 1} exceed HParams.max_seq_len="
                              f"{hp.max_seq_len} (sequence length T={T}).")
+        if last_only and cache is not None:
+            raise ValueError("last_only computes no keys or values for a cache.")
         positions = start + jnp.arange(T)                                   # [T]
         embed_init = hk.initializers.TruncatedNormal(0.02)
         x = hk.Embed(self.vocab_size, hp.d_model, w_init=embed_init,
@@ -395,16 +412,18 @@ class Transformer(hk.Module):
             memory = memories[i] if i < len(memories) else None
             layer_caches = (take(), take() if memory is not None else None)
             x, (c_self, c_cross) = Layer(hp, f"decoder_{i}")(
-                x, positions, is_training, memory, layer_caches)
+                x, positions, is_training, memory, layer_caches,
+                last_query=last_only and i == hp.decoder_N - 1)
             new_cache += [c_self] + ([c_cross] if memory is not None else [])
         x = _layer_norm("ln_final")(x)
-        logits = Linear(self.vocab_size, name="unembed")(x)            # [B, T, V]
+        logits = Linear(self.vocab_size, name="unembed")(x)            # [B, T or 1, V]
         logits = logits.astype(jnp.float32)
         return logits if cache is None else (logits, tuple(new_cache))
 
 
 def build(hp: HParams, vocab_size: int, compute_dtype: str = "float32") -> hk.Transformed:
-    """apply(params, rng, tokens [B, T] int32, is_training) -> logits [B, T, V] float32.
+    """apply(params, rng, tokens [B, T] int32, is_training) -> logits [B, T, V] float32;
+    apply(..., last_only=True) -> the last position's logits [B, 1, V], for sampling.
 
     compute_dtype "bfloat16" puts Linear under a jmp policy (float32 parameters, bfloat16
     compute, float32 output), which attention's explicit path (training with dropout) follows:
@@ -414,9 +433,9 @@ def build(hp: HParams, vocab_size: int, compute_dtype: str = "float32") -> hk.Tr
     validate(hp)
     policy = jmp.get_policy(f"params=float32,compute={compute_dtype},output=float32")
 
-    def forward(tokens, is_training):
+    def forward(tokens, is_training, last_only=False):
         with hk.mixed_precision.push_policy(Linear, policy):
-            return Transformer(hp, vocab_size)(tokens, is_training)
+            return Transformer(hp, vocab_size)(tokens, is_training, last_only=last_only)
 
     return hk.transform(forward)
 

@@ -479,6 +479,25 @@ def test_chunk_cache_steps_match_full_forward(use_encoder):
     assert done == hp.max_seq_len - (hp.max_seq_len - prefill) % chunk
 
 
+@pytest.mark.parametrize("use_encoder", [False, True])
+def test_last_only_gives_the_last_positions_logits(use_encoder):
+    """apply(..., last_only=True), the sampler's pass over a full window, equals the full
+    forward's last position; shorter sequences too (the last query is at T - 1)."""
+    hp = tiny(use_encoder, encoder_N=2 if use_encoder else 1, decoder_N=3)
+    params = random_params(hp)
+    apply = jax.jit(transformer.build(hp, VOCAB).apply, static_argnums=(3, 4))
+    for seq_len in (hp.max_seq_len, 7):
+        tokens = random_tokens(16, seq_len)
+        full = apply(params, None, tokens, False, False)                    # [B, T, V]
+        last = apply(params, None, tokens, False, True)                     # [B, 1, V]
+        assert last.shape == (BATCH_SIZE, 1, VOCAB)
+        np.testing.assert_allclose(last, full[:, -1:], atol=1e-5, rtol=1e-5)
+    with_cache = hk.transform(lambda tokens, cache: transformer.Transformer(hp, VOCAB)(
+        tokens, False, cache, 0, last_only=True))
+    with pytest.raises(ValueError, match="last_only"):
+        with_cache.init(jax.random.PRNGKey(0), tokens, transformer.init_cache(hp, BATCH_SIZE))
+
+
 # ---------------------------------------------------------------------------------------------
 # Overfitting
 
