@@ -29,6 +29,11 @@ from eval import CONFIG, load_params
 
 CHUNK = 16  # characters per jitted call: fewer dispatches, still streams smoothly
 
+# On the CPU, matmuls without XLA's YNNPACK kernels (kept for reductions): those ran the shipped
+# model's 128 x 192 x 576 matmuls slower. Past the window it samples at 262 against 214 chars/s
+# (same process, 2026-11-26), the same at the default HPARAMS; training is faster with them.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+
 
 def sample_logits(key: jax.Array, logits: jax.Array, temperature: float,
                   top_k: int | None) -> jax.Array:
@@ -64,8 +69,10 @@ class Sampler:
         self.model = transformer.build_cached(hparams, vocab_size)
         self.full = transformer.build(hparams, vocab_size)  # once the window is full
         self.temperature, self.top_k = temperature, top_k
-        self.prefill = jax.jit(self._forward)
-        self.sample_chunk = jax.jit(self._sample_chunk, static_argnames=("size", "cached"))
+        options = CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+        self.prefill = jax.jit(self._forward, compiler_options=options)
+        self.sample_chunk = jax.jit(self._sample_chunk, static_argnames=("size", "cached"),
+                                    compiler_options=options)
 
     def _forward(self, params, window, cache, length):
         """Full pass over the window [B, S]: logits at position length-1, cache of all."""
