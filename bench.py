@@ -12,9 +12,7 @@ Training is timed for each --compute_dtypes value (train.py's --compute_dtype); 
 MFU = achieved model FLOP/s / the measured peak matmul FLOP/s of that precision.
 
 Sampling one stream with the KV cache reads every weight once per character, so its bound
-is copy bandwidth / weight bytes, in characters per second: with the best copy of the
-ceilings section, and with copies made just before and after a second timing (the same
-minutes, on a shared host whose speed drifts).
+is the copy bandwidth over the weight bytes, in characters per second.
 """
 
 import json
@@ -48,10 +46,6 @@ class Config(NamedTuple):
 CONFIG = Config()
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def timed(fn, repeats: int) -> list[float]:
     """Seconds per call of fn (which must block on its result), after one warm-up call."""
     fn()
@@ -61,20 +55,6 @@ def timed(fn, repeats: int) -> list[float]:
         fn()
         times.append(time.perf_counter() - start)
     return times
-
-
-def copy_bandwidth(mib: int = 256):
-    """A function that copies `mib` MiB (far beyond the caches) with numpy and returns the
-    bandwidth, bytes read + written per second, in GB/s."""
-    source = np.ones(mib * 2**20 // 4, np.float32)
-    dest = np.empty_like(source)
-
-    def measure() -> float:
-        start = time.perf_counter()
-        np.copyto(dest, source)
-        return 2 * source.nbytes / (time.perf_counter() - start) / 1e9
-    measure()  # the first copy also maps the destination's pages
-    return measure
 
 
 def bench_ceilings(config, hp) -> dict:
@@ -89,10 +69,10 @@ def bench_ceilings(config, hp) -> dict:
         matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
         seconds = min(timed(lambda: matmul(a, b).block_until_ready(), 10))
         out[f"peak_{name}_gflops"] = 2 * n**3 / seconds / 1e9
-    copy = copy_bandwidth()
-    out["copy_gb_per_s"] = max(copy() for _ in range(10))
-    del copy
-    source = np.ones(256 * 2**20 // 4, np.float32)
+    source = np.ones(256 * 2**20 // 4, np.float32)  # 256 MiB, far beyond the caches
+    dest = np.empty_like(source)
+    seconds = min(timed(lambda: np.copyto(dest, source), 10))
+    out["copy_gb_per_s"] = 2 * source.nbytes / seconds / 1e9
     device_array = jnp.asarray(source)
     total = jax.jit(jnp.sum)
     seconds = min(timed(lambda: total(device_array).block_until_ready(), 10))
@@ -161,20 +141,14 @@ def bench_sample(config, hp) -> dict:
     sampler = generate.Sampler(hp, vocab_size)
     key, S = jax.random.PRNGKey(0), hp.max_seq_len
     size = min(generate.CHUNK, S - 1)  # cached steps from a 1-character context
-
-    def chunk(context_len: int, cached: bool, streams: int):
-        """A function sampling one chunk, always from the same state."""
-        state = sampler.start(params, np.zeros(context_len, np.int32), streams)
-        return lambda: sampler.sample_chunk(params, state, key, jnp.int32(0), size=size,
-                                            cached=cached)[1].block_until_ready()
-
     out = {}
-    one_stream = chunk(1, True, 1)
-    for name, run, streams in (
-            ("sample_cached_chars_per_s", one_stream, 1),
-            ("sample_batch_cached_chars_per_s", chunk(1, True, config.num_samples),
-             config.num_samples),
-            ("sample_full_window_chars_per_s", chunk(S, False, 1), 1)):
+    for name, context_len, cached, streams in (
+            ("sample_cached_chars_per_s", 1, True, 1),
+            ("sample_batch_cached_chars_per_s", 1, True, config.num_samples),
+            ("sample_full_window_chars_per_s", S, False, 1)):
+        state = sampler.start(params, np.zeros(context_len, np.int32), streams)
+        run = lambda: sampler.sample_chunk(params, state, key, jnp.int32(0), size=size,
+                                           cached=cached)[1].block_until_ready()
         out[name] = streams * size / statistics.median(timed(run, 10))
     apply = jax.jit(transformer.build(hp, vocab_size).apply, static_argnums=3)
     window = jnp.zeros((1, S), jnp.int32)
@@ -187,18 +161,6 @@ def bench_sample(config, hp) -> dict:
 
     out["sample_full_forward_chars_per_s"] = size / statistics.median(timed(full_forward, 3))
     out["weight_bytes"] = sum(x.nbytes for x in jax.tree.leaves(params))
-    out["sample_peak_rss_mb"] = peak_rss_mb()  # before the copy buffers below
-
-    # One stream again, between copies: the bound of the same minutes. Other tenants of a
-    # shared host slow this machine by a quarter at times, so a ratio to the ceilings
-    # section's copy, measured minutes earlier, moves with them. (Copies between chunks
-    # would evict the sampler's caches and slow it.)
-    copy = copy_bandwidth()
-    before = max(copy() for _ in range(3))
-    seconds = statistics.median(timed(one_stream, 10))
-    after = max(copy() for _ in range(3))
-    out["sample_bracketed_cached_chars_per_s"] = size / seconds
-    out["sample_bracketed_copy_gb_per_s"] = (before + after) / 2
     return out
 
 
@@ -233,7 +195,8 @@ def main(argv) -> int:
                         f"of {', '.join(PEAK_NAMES)}.")
     if config.section:
         out = SECTIONS[config.section](config, hp)
-        out.setdefault(f"{config.section}_peak_rss_mb", peak_rss_mb())
+        out[f"{config.section}_peak_rss_mb"] = (
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         print(json.dumps(out))
         return 0
     results = {"device": str(jax.devices()[0]), "date": time.strftime("%Y-%m-%d"),
@@ -257,9 +220,6 @@ def main(argv) -> int:
         results["copy_gb_per_s"] * 1e9 / results["weight_bytes"])
     results["sample_fraction_of_bound"] = (
         results["sample_cached_chars_per_s"] / results["sample_bandwidth_bound_chars_per_s"])
-    results["sample_bracketed_fraction_of_bound"] = (
-        results["sample_bracketed_cached_chars_per_s"] * results["weight_bytes"]
-        / (results["sample_bracketed_copy_gb_per_s"] * 1e9))
     results["sample_chars_per_s"] = results["sample_cached_chars_per_s"]
     print_table(results, hp, config)
     if config.json:
@@ -286,10 +246,6 @@ def print_table(r: dict, hp, config) -> None:
                                      f"({100 * r['sample_fraction_of_bound']:.0f}% of the "
                                      f"{r['sample_bandwidth_bound_chars_per_s']:.0f} chars/s "
                                      "bandwidth bound)"),
-        ("  again, between copies", f"{r['sample_bracketed_cached_chars_per_s']:.0f} chars/s "
-                                    f"({100 * r['sample_bracketed_fraction_of_bound']:.0f}% "
-                                    "of the bound at the copy bandwidth of the same minutes, "
-                                    f"{r['sample_bracketed_copy_gb_per_s']:.1f} GB/s)"),
         (f"sample, cached, {config.num_samples} streams",
          f"{r['sample_batch_cached_chars_per_s']:.0f} chars/s in all"),
         ("sample, window full (re-prefill)",
