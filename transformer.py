@@ -262,9 +262,10 @@ class Attention(hk.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, is_training: bool,
                  cache: KVCache | ChunkCache | None = None, memory: jax.Array | None = None,
                  last_query: bool = False):
-        """x [B, T, D] attends over itself or over memory [B, S, D] (the encoder's output at
-        the same positions, S = len(positions), T = S or 1). With last_query (no cache) only
-        the last position queries: the output is [B, 1, D]."""
+        """x [B, T, D] at `positions` attends over itself, or over memory (the encoder's
+        output at `positions`), and over what the cache holds. With last_query (no cache)
+        only the last of `positions` queries: the output is [B, 1, D] (cross-attention gets
+        x at that position alone, memory at all of them)."""
         B, T, D = x.shape
         H, K = self.num_heads, self.key_size
         # Fused projections: one wide matmul runs faster than three narrow ones.
