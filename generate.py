@@ -61,7 +61,11 @@ class SamplerState(NamedTuple):
 
 
 class Sampler:
-    """Jitted prefill and chunked sampling for one model and one sampling rule."""
+    """Jitted prefill and chunked sampling for one model and one sampling rule.
+
+    stream and sample take the model's params; start and sample_chunk take them through
+    transformer.add_transposed_weights (which stream does once).
+    """
 
     def __init__(self, hparams: transformer.HParams, vocab_size: int,
                  temperature: float = 1.0, top_k: int | None = None, chunk: int = CHUNK):
@@ -137,6 +141,7 @@ class Sampler:
         Chunks are `chunk` characters, but single characters where the window fills up, so
         that every cached step has a free position (the host knows the length).
         """
+        params = transformer.add_transposed_weights(params)
         state = self.start(params, context_ids, num_samples)
         length = min(len(context_ids), self.hp.max_seq_len)
         first, pending = 0, None

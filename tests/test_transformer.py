@@ -432,18 +432,21 @@ def test_decoder_layer_i_cross_attends_to_encoder_layer_i():
 
 
 @pytest.mark.parametrize("use_encoder", [False, True])
-def test_cached_prefill_and_steps_match_full_forward(use_encoder):
+@pytest.mark.parametrize("batch_size", [1, BATCH_SIZE])
+def test_cached_prefill_and_steps_match_full_forward(use_encoder, batch_size):
     """Prefill of k tokens, then one-token steps, gives the logits of one full forward.
 
     Two encoder layers, so that the order of several encoder and cross-attention caches counts.
+    With batch size 1 the steps read the transposed weights.
     """
     hp = tiny(use_encoder, encoder_N=2 if use_encoder else 1)
     params = random_params(hp)
-    batch_size, seq_len, prefill = BATCH_SIZE, hp.max_seq_len, 5
-    tokens = random_tokens(14)
+    seq_len, prefill = hp.max_seq_len, 5
+    tokens = random_tokens(14, batch_size=batch_size)
     full = jitted_apply(hp, False)(params, None, tokens)                   # [B, T, V]
 
     cached = jax.jit(transformer.build_cached(hp, VOCAB).apply)
+    params = transformer.add_transposed_weights(params)
     cache = transformer.init_cache(hp, batch_size)
     logits, cache = cached(params, None, tokens[:, :prefill], cache, 0)
     steps = [logits]
@@ -451,6 +454,31 @@ def test_cached_prefill_and_steps_match_full_forward(use_encoder):
         logits, cache = cached(params, None, tokens[:, t:t + 1], cache, jnp.int32(t))
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_single_rows_read_the_transposed_weights():
+    """add_transposed_weights adds w_t to the Linears with more inputs than outputs; a
+    one-position step of batch 1 computes those by w_t, of batch 2 by w."""
+    hp = tiny()
+    params = random_params(hp)
+    with_t = transformer.add_transposed_weights(params)
+    transposed = sorted(name for name, p in with_t.items() if "w_t" in p)
+    assert transposed == ["transformer/decoder_0/ff_out", "transformer/decoder_1/ff_out",
+                          "transformer/unembed"]  # [64, 32] and [32, 10]; not ff_in [32, 64]
+    np.testing.assert_array_equal(with_t["transformer/unembed"]["w_t"],
+                                  params["transformer/unembed"]["w"].T)
+    cached = jax.jit(transformer.build_cached(hp, VOCAB).apply)
+    zeroed = {**with_t, "transformer/unembed": {
+        **with_t["transformer/unembed"], "w_t": jnp.zeros((VOCAB, hp.d_model))}}
+    for batch_size, reads_w_t in ((1, True), (BATCH_SIZE, False)):
+        tokens, cache = random_tokens(3, 1, batch_size), transformer.init_cache(hp, batch_size)
+        logits = cached(with_t, None, tokens, cache, 0)[0]
+        bias_only = np.allclose(cached(zeroed, None, tokens, cache, 0)[0],
+                                params["transformer/unembed"]["b"])
+        assert bias_only == reads_w_t
+        assert not np.allclose(logits, params["transformer/unembed"]["b"])
+    with pytest.raises(ValueError, match="w_t"):
+        cached(params, None, random_tokens(3, 1, 1), transformer.init_cache(hp, 1), 0)
 
 
 @pytest.mark.parametrize("use_encoder", [False, True])
