@@ -233,8 +233,8 @@ class Linear(hk.Linear):
     With `matvec` (the cached model), a single input row x [1, I] with I > O is multiplied by
     the weight's transposed copy "w_t" [O, I] (see add_transposed_weights). XLA:CPU computes
     x @ w by streaming w's rows, and long rows stream faster: ff_out's w_t has 1536-float rows
-    where w has 384-float ones (28 against 16 GB/s; one-stream sampling ran 9% faster). With
-    more rows it is a matrix product, which ran slower on w_t.
+    where w has 384-float ones (22-28 against 15-16 GB/s; one-stream sampling took 11-13% less
+    time per character). With more rows it is a matrix product, which ran slower on w_t.
     """
 
     def __init__(self, output_size: int, name: str, matvec: bool = False):
