@@ -80,9 +80,29 @@ def param_count(hp: HParams, vocab_size: int) -> int:
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every position seen so far, for one attention block."""
-    k: jax.Array  # [B, S, H, K]
-    v: jax.Array  # [B, S, H, K]
+    """Keys and values of every position seen so far, for one attention block, in the layouts
+    that a one-position step's matmuls read (read in others inside a loop, XLA transposes them
+    at every step; transposed once per chunk instead, they cost about 2% of one-stream
+    sampling)."""
+    k: jax.Array  # [B, H, K, S]
+    v: jax.Array  # [B, H, S, K]
+
+    @staticmethod
+    def empty(batch_size: int, num_heads: int, key_size: int, length: int,
+              dtype=jnp.float32) -> "KVCache":
+        return KVCache(jnp.zeros((batch_size, num_heads, key_size, length), dtype),
+                       jnp.zeros((batch_size, num_heads, length, key_size), dtype))
+
+    @staticmethod
+    def of(k: jax.Array, v: jax.Array) -> "KVCache":
+        """Keys and values [B, T, H, K] in the cache's layouts."""
+        return KVCache(k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3))
+
+    def write(self, new: "KVCache", start) -> "KVCache":
+        """This cache with `new`'s T positions written at positions start..start+T-1."""
+        return KVCache(
+            jax.lax.dynamic_update_slice(self.k, new.k.astype(self.k.dtype), (0, 0, 0, start)),
+            jax.lax.dynamic_update_slice(self.v, new.v.astype(self.v.dtype), (0, 0, start, 0)))
 
 
 class ChunkCache(NamedTuple):
@@ -90,36 +110,30 @@ class ChunkCache(NamedTuple):
     values. Written at every step, the full cache was copied whole by XLA:CPU each time (it
     copies the operand of each dynamic_update_slice in a loop). start_chunk makes them,
     end_chunk writes `recent` into the full cache, once per chunk."""
-    cache: KVCache    # positions < start, keys [B, H, K, S] and values [B, H, S, K]: the
-                      # layouts the matmuls read (else XLA transposes them at every step)
-    recent: KVCache   # [B, C, H, K]: positions start..start+C-1, filled step by step
+    cache: KVCache    # positions < start
+    recent: KVCache   # C positions start..start+C-1, filled step by step
     start: jax.Array  # [] int32
 
 
 def start_chunk(cache: tuple[KVCache, ...], start, length: int) -> tuple[ChunkCache, ...]:
     """ChunkCaches over `cache` for `length` one-position steps from position `start`."""
     def chunk(c: KVCache) -> ChunkCache:
-        B, _, H, K = c.k.shape
-        recent = KVCache(*(jnp.zeros((B, length, H, K), c.k.dtype) for _ in range(2)))
-        read_only = KVCache(c.k.transpose(0, 2, 3, 1), c.v.transpose(0, 2, 1, 3))
-        return ChunkCache(read_only, recent, start)
+        B, H, K, _ = c.k.shape
+        return ChunkCache(c, KVCache.empty(B, H, K, length, c.k.dtype), start)
     return tuple(map(chunk, cache))
 
 
 def end_chunk(cache: tuple[KVCache, ...],
               chunks: tuple[ChunkCache, ...]) -> tuple[KVCache, ...]:
     """`cache` (as given to start_chunk) with the chunk's keys and values written in."""
-    return tuple(KVCache(*(jax.lax.dynamic_update_slice(old, new, (0, c.start, 0, 0))
-                           for old, new in zip(full, c.recent)))
-                 for full, c in zip(cache, chunks))
+    return tuple(full.write(c.recent, c.start) for full, c in zip(cache, chunks))
 
 
 def init_cache(hp: HParams, batch_size: int, dtype=jnp.float32) -> tuple[KVCache, ...]:
     """Empty caches for every attention block, in the order the model uses them."""
     num_encoder = hp.encoder_N if hp.use_encoder else 0
     num_blocks = num_encoder + hp.decoder_N + num_encoder  # encoder self, decoder self, cross
-    shape = (batch_size, hp.max_seq_len, hp.h, hp.d_model // hp.h)
-    return tuple(KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    return tuple(KVCache.empty(batch_size, hp.h, hp.d_model // hp.h, hp.max_seq_len, dtype)
                  for _ in range(num_blocks))
 
 
@@ -321,10 +335,8 @@ class Attention(hk.Module):
         """Causal attention of q over k, v [B, T, H, K] (written into `cache` at positions,
         then over all its S positions). -> (out [B, T, H, K], cache)."""
         if cache is not None:  # write this call's positions, attend over all S cached ones
-            start = (0, positions[0], 0, 0)
-            k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
-            v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
-            cache = KVCache(k, v)                                       # [B, S, H, K]
+            cache = cache.write(KVCache.of(k, v), positions[0])
+            k, v = cache.k.transpose(0, 3, 1, 2), cache.v.transpose(0, 2, 1, 3)  # [B, S, H, K]
         key_positions = jnp.arange(k.shape[1])
         mask = key_positions[None, :] <= positions[:, None]             # [T, S]
         if is_training and self.dropout > 0:
@@ -344,20 +356,18 @@ class Attention(hk.Module):
     def _attend_chunk(self, q, k, v, positions, cache: ChunkCache):
         """Writes k, v [B, T, H, K] into cache.recent; q attends over cache.cache's positions
         < cache.start and the recent ones <= its own. -> (out [B, T, H, K], cache)."""
-        offset = (0, positions[0] - cache.start, 0, 0)
-        recent = KVCache(*(jax.lax.dynamic_update_slice(old, new.astype(old.dtype), offset)
-                           for old, new in ((cache.recent.k, k), (cache.recent.v, v))))
-        S, C = cache.cache.k.shape[-1], recent.k.shape[1]
+        recent = cache.recent.write(KVCache.of(k, v), positions[0] - cache.start)
+        S, C = cache.cache.k.shape[-1], recent.k.shape[-1]
         old_mask = jnp.broadcast_to(jnp.arange(S) < cache.start, (len(positions), S))
         recent_mask = cache.start + jnp.arange(C) <= positions[:, None]
         mask = jnp.concatenate([old_mask, recent_mask], axis=1)           # [T, S + C]
         logits = jnp.concatenate([jnp.einsum("bthk,bhks->bhts", q, cache.cache.k),
-                                  jnp.einsum("bthk,bshk->bhts", q, recent.k)], axis=-1)
+                                  jnp.einsum("bthk,bhks->bhts", q, recent.k)], axis=-1)
         logits = jnp.where(mask, logits / math.sqrt(self.key_size),
                            jnp.finfo(logits.dtype).min)                  # [B, H, T, S + C]
         weights = jax.nn.softmax(logits)
         out = (jnp.einsum("bhts,bhsk->bthk", weights[..., :S], cache.cache.v)
-               + jnp.einsum("bhts,bshk->bthk", weights[..., S:], recent.v))  # [B, T, H, K]
+               + jnp.einsum("bhts,bhsk->bthk", weights[..., S:], recent.v))  # [B, T, H, K]
         return out, cache._replace(recent=recent)
 
 
