@@ -148,8 +148,9 @@ def bench_sample(config, hp) -> dict:
             ("sample_batch_cached_chars_per_s", 1, True, config.num_samples),
             ("sample_full_window_chars_per_s", S, False, 1)):
         state = sampler.start(sampling_params, np.zeros(context_len, np.int32), streams)
-        run = lambda: sampler.sample_chunk(sampling_params, state, key, jnp.int32(0),
-                                           size=size, cached=cached)[1].block_until_ready()
+        run = lambda: sampler.sample_chunk(  # each chunk after its noise (stream overlaps them)
+            sampling_params, state, sampler.draw_noise(key, np.int32(0), size, streams),
+            cached=cached)[1].block_until_ready()
         out[name] = streams * size / statistics.median(timed(run, 10))
     apply = jax.jit(transformer.build(hp, vocab_size).apply, static_argnums=3)
     window = jnp.zeros((1, S), jnp.int32)

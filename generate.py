@@ -69,14 +69,15 @@ class Sampler:
 
     def __init__(self, hparams: transformer.HParams, vocab_size: int,
                  temperature: float = 1.0, top_k: int | None = None, chunk: int = CHUNK):
-        self.hp, self.chunk = hparams, chunk
+        self.hp, self.vocab_size, self.chunk = hparams, vocab_size, chunk
         self.model = transformer.build_cached(hparams, vocab_size)
         self.full = transformer.build(hparams, vocab_size)  # once the window is full
         self.temperature, self.top_k = temperature, top_k
         options = CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
         self.prefill = jax.jit(self._forward, compiler_options=options)
-        self.sample_chunk = jax.jit(self._sample_chunk, static_argnames=("size", "cached"),
+        self.sample_chunk = jax.jit(self._sample_chunk, static_argnames="cached",
                                     compiler_options=options)
+        self.draw_noise = jax.jit(self._draw_noise, static_argnames=("size", "num_samples"))
 
     def _forward(self, params, window, cache, length):
         """Full pass over the window [B, S]: logits at position length-1, cache of all."""
@@ -96,9 +97,20 @@ class Sampler:
         logits = self.full.apply(params, None, window, False, last_only=True)[:, 0]
         return SamplerState(window, state.length, state.cache, logits)
 
-    def _sample_chunk(self, params, state: SamplerState, key: jax.Array, first: jax.Array,
-                      size: int, cached: bool):
-        """Characters first..first+size-1 of the stream: (state, tokens [B, size]).
+    def _draw_noise(self, key: jax.Array, first: jax.Array, size: int, num_samples: int):
+        """The Gumbel noise [size, B, V] of characters first..first+size-1 of the streams.
+
+        A jitted call of its own, so that stream() draws it while the previous chunk runs: on
+        the CPU threefry is a rolled loop, which cost 75 us per character inside the scan body
+        and about 2% of one-stream sampling beside it in the chunk's jit.
+        """
+        shape = (num_samples, self.vocab_size)
+        return jax.vmap(lambda index: jax.random.gumbel(jax.random.fold_in(key, index), shape))(
+            first + jnp.arange(size))
+
+    def _sample_chunk(self, params, state: SamplerState, noise: jax.Array, cached: bool):
+        """The next len(noise) characters, drawn with noise [size, B, V] from draw_noise:
+        (state, tokens [B, size]).
 
         The host picks the path per chunk (`cached` is static): a lax.cond inside the scan
         made XLA copy the weights into the branch at every character on the CPU.
@@ -106,11 +118,8 @@ class Sampler:
         step = self._cached_step if cached else self._slide_step
         full_cache = state.cache
         if cached:  # the chunk's keys and values go to a small cache of their own
-            state = state._replace(cache=transformer.start_chunk(state.cache, state.length, size))
-        # The chunk's noise, drawn before the loop: threefry on the CPU is a rolled loop of its
-        # own, which nested in the scan body cost 75 us per character plus buffer copies.
-        noise = jax.vmap(lambda index: jax.random.gumbel(
-            jax.random.fold_in(key, index), state.logits.shape))(first + jnp.arange(size))
+            state = state._replace(cache=transformer.start_chunk(state.cache, state.length,
+                                                                 len(noise)))
 
         def body(state, noise):
             token = pick(state.logits, noise, self.temperature, self.top_k)     # [B]
@@ -138,22 +147,27 @@ class Sampler:
         """Yields chunks of sampled ids [num_samples, size], forever; the next chunk is
         already dispatched while the caller handles this one.
 
-        Chunks are `chunk` characters, but single characters where the window fills up, so
-        that every cached step has a free position (the host knows the length).
+        Chunks are `chunk` characters, but single characters where the window fills up (the
+        host knows the length: see chunk_size).
         """
+        S = self.hp.max_seq_len
         params = transformer.add_transposed_weights(params)
         state = self.start(params, context_ids, num_samples)
-        length = min(len(context_ids), self.hp.max_seq_len)
-        first, pending = 0, None
+        length, first, pending = min(len(context_ids), S), 0, None
+        noise = self.draw_noise(key, np.int32(first), self.chunk_size(length), num_samples)
         while True:
-            free = self.hp.max_seq_len - length
-            size = self.chunk if free >= self.chunk or not free else 1
-            state, tokens = self.sample_chunk(params, state, key, jnp.int32(first), size=size,
-                                              cached=free > 0)
-            first, length = first + size, min(length + size, self.hp.max_seq_len)
+            state, tokens = self.sample_chunk(params, state, noise, cached=length < S)
+            first, length = first + len(noise), min(length + len(noise), S)
+            noise = self.draw_noise(key, np.int32(first), self.chunk_size(length), num_samples)
             if pending is not None:
                 yield np.asarray(pending)
             pending = tokens
+
+    def chunk_size(self, length: int) -> int:
+        """`chunk`, or 1 where fewer positions than that are free, so that every cached step
+        has a free position."""
+        free = self.hp.max_seq_len - length
+        return self.chunk if free >= self.chunk or not free else 1
 
     def sample(self, params, context_ids: np.ndarray, key: jax.Array, num_chars: int,
                num_samples: int = 1) -> np.ndarray:
