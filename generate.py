@@ -63,7 +63,8 @@ class SamplerState(NamedTuple):
 class Sampler:
     """Jitted prefill and chunked sampling for one model and one sampling rule.
 
-    stream and sample take the model's params; start and sample_chunk take them through
+    stream and sample take the model's params. stream's steps, for callers that time them:
+    start, then per chunk draw_noise and sample_chunk, with the params through
     transformer.add_transposed_weights (which stream does once).
     """
 
