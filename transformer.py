@@ -82,7 +82,7 @@ def param_count(hp: HParams, vocab_size: int) -> int:
 class KVCache(NamedTuple):
     """Keys and values of every position seen so far, for one attention block, in the layouts
     that a one-position step's matmuls read (read in others inside a loop, XLA transposes them
-    at every step; transposed once per chunk instead, they cost about 2% of one-stream
+    at every step; transposed once per chunk instead, they cost about 1-2% of one-stream
     sampling)."""
     k: jax.Array  # [B, H, K, S]
     v: jax.Array  # [B, H, S, K]
@@ -90,6 +90,7 @@ class KVCache(NamedTuple):
     @staticmethod
     def empty(batch_size: int, num_heads: int, key_size: int, length: int,
               dtype=jnp.float32) -> "KVCache":
+        """Zeros for `length` positions."""
         return KVCache(jnp.zeros((batch_size, num_heads, key_size, length), dtype),
                        jnp.zeros((batch_size, num_heads, length, key_size), dtype))
 
