@@ -8,10 +8,10 @@ Shapes, as in the comments below:
 One model, two ways to call it (same parameters, same module names):
   build(hp, V).apply(params, rng, tokens, is_training)          -> logits         (train, eval)
   build_cached(hp, V).apply(params, None, tokens, cache, start) -> logits, cache  (sampling)
-The second takes add_transposed_weights(params), which adds a transposed copy of some weights
-for steps of a single row (batch 1, one position): see Linear.
 The first takes last_only=True for the last position's logits alone (sampling over a full
 window): the last layer then computes keys and values at every position, the rest at one.
+The second takes add_transposed_weights(params), which adds a transposed copy of some weights
+for steps of a single row (batch 1, one position): see Linear.
 The cached form writes the keys and values of positions start..start+T-1 into `cache` and lets
 each query attend to every cached position <= its own, so a prefill (start=0, T tokens) followed
 by one-token steps gives the same logits as one full forward pass. For a run of one-token
@@ -259,10 +259,10 @@ class Linear(hk.Linear):
     def __call__(self, inputs: jax.Array) -> jax.Array:
         *batch, self.input_size = inputs.shape
         x = inputs.reshape(-1, self.input_size)                          # [M, I]
-        if self.matvec and x.shape[0] == 1 and self.input_size > self.output_size:
+        if self.matvec and x.shape[0] == 1 and _has_w_t(self.input_size, self.output_size):
             w_t = hk.get_parameter("w_t", [self.output_size, self.input_size], inputs.dtype,
                                    init=_missing_w_t)
-            out = jax.lax.dot_general(x, w_t, (((1,), (1,)), ((), ())))  # x @ w_t.T
+            out = _dot(x, w_t, (1, 1))                                   # x @ w_t.T
         else:
             w = hk.get_parameter("w", [self.input_size, self.output_size], inputs.dtype,
                                  init=self.w_init or hk.initializers.TruncatedNormal(
@@ -271,6 +271,12 @@ class Linear(hk.Linear):
         b = hk.get_parameter("b", [self.output_size], inputs.dtype,
                              init=self.b_init or jnp.zeros)
         return (out + b).reshape(*batch, self.output_size)
+
+
+def _has_w_t(input_size: int, output_size: int) -> bool:
+    """Whether add_transposed_weights gives a Linear of these sizes a transposed copy: the
+    transpose has the longer rows."""
+    return input_size > output_size
 
 
 def _missing_w_t(shape, dtype):
@@ -283,7 +289,7 @@ def add_transposed_weights(params: hk.Params) -> hk.Params:
     its transpose "w_t" [O, I]: what the cached model reads for a single row (see Linear).
     build's apply ignores them."""
     return {name: {**p, "w_t": jnp.transpose(p["w"])}
-            if "w" in p and p["w"].shape[0] > p["w"].shape[1] else p
+            if "w" in p and _has_w_t(*p["w"].shape) else p
             for name, p in params.items()}
 
 
