@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import common
+import kernels
 import transformer
 from common import UserError, parse_overrides, run_main
 
@@ -138,7 +139,7 @@ def bench_sample(config, hp) -> dict:
 
     params, hp, vocab_size = _sampling_params(config, hp)
     params = jax.device_put(params)
-    sampling_params = transformer.add_transposed_weights(params)
+    sampling_params = kernels.add_transposed_weights(params)
     sampler = generate.Sampler(hp, vocab_size)
     key, S = jax.random.PRNGKey(0), hp.max_seq_len
     size = min(generate.CHUNK, S - 1)  # cached steps from a 1-character context

@@ -23,6 +23,8 @@ import numpy as np
 
 import checkpoint
 import data
+import kernels
+import kv_cache
 import transformer
 from common import StopRequest, UserError, parse_overrides, run_main
 from eval import CONFIG, load_params
@@ -65,7 +67,7 @@ class Sampler:
 
     stream and sample take the model's params. stream's steps, for callers that time them:
     start, then per chunk draw_noise and sample_chunk, with the params through
-    transformer.add_transposed_weights (which stream does once).
+    kernels.add_transposed_weights (which stream does once).
     """
 
     def __init__(self, hparams: transformer.HParams, vocab_size: int,
@@ -119,8 +121,8 @@ class Sampler:
         step = self._cached_step if cached else self._slide_step
         full_cache = state.cache
         if cached:  # the chunk's keys and values go to a small cache of their own
-            state = state._replace(cache=transformer.start_chunk(state.cache, state.length,
-                                                                 len(noise)))
+            state = state._replace(cache=kv_cache.start_chunk(state.cache, state.length,
+                                                              len(noise)))
 
         def body(state, noise):
             token = pick(state.logits, noise, self.temperature, self.top_k)     # [B]
@@ -128,7 +130,7 @@ class Sampler:
 
         state, tokens = jax.lax.scan(body, state, noise)                 # noise [size, B, V]
         if cached:  # then join the full cache, in one write per chunk
-            state = state._replace(cache=transformer.end_chunk(full_cache, state.cache))
+            state = state._replace(cache=kv_cache.end_chunk(full_cache, state.cache))
         return state, tokens.T
 
     def start(self, params, context_ids: np.ndarray, num_samples: int) -> SamplerState:
@@ -139,7 +141,7 @@ class Sampler:
         window = np.zeros((num_samples, S), np.int32)
         window[:, : len(context_ids)] = context_ids
         length = jnp.int32(len(context_ids))
-        cache = transformer.init_cache(self.hp, num_samples)
+        cache = kv_cache.init_cache(self.hp, num_samples)
         logits, cache = self.prefill(params, jnp.asarray(window), cache, length)
         return SamplerState(jnp.asarray(window), length, cache, logits)
 
@@ -152,7 +154,7 @@ class Sampler:
         host knows the length: see chunk_size).
         """
         S = self.hp.max_seq_len
-        params = transformer.add_transposed_weights(params)
+        params = kernels.add_transposed_weights(params)
         state = self.start(params, context_ids, num_samples)
         length, first, pending = min(len(context_ids), S), 0, None
         noise = self.draw_noise(key, np.int32(first), self.chunk_size(length), num_samples)

@@ -1,5 +1,6 @@
 """Tests of transformer.py: shapes, parameter count, causality, positions, dropout, the pre-norm
-structure, the KV cache, overfitting one string, and HParams validation.
+structure, bfloat16 compute, the last-position pass, overfitting one string, and HParams
+validation. Its caches are tested in test_kv_cache.py, its fast forms in test_kernels.py.
 
 Every model is tiny (conftest.TINY or a variant) and every repeated apply is jitted: compiling
 dominates on a CPU, and the persistent cache set up in conftest makes reruns fast.
@@ -15,6 +16,7 @@ import optax
 import pytest
 from conftest import TINY
 
+import kv_cache
 import transformer
 
 VOCAB = 10
@@ -285,51 +287,6 @@ def test_zero_dropout_training_equals_evaluation(use_encoder, dropout):
     np.testing.assert_allclose(train_logits, eval_logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("rate", [0.2, 0.5])
-def test_dropout_drops_its_rounded_rate_and_keeps_the_mean(rate):
-    """_dropout zeroes a fraction round(rate * 256) / 256 of the elements, at random places,
-    and scales the rest so that the mean is unchanged; evaluation leaves x as it is."""
-    x = jnp.ones((64, 1001))  # a size not divisible by 4: the last word's bytes are cut
-    dropout = hk.transform(lambda x, is_training: transformer._dropout(x, rate, is_training))
-    out = np.asarray(dropout.apply({}, jax.random.PRNGKey(0), x, True))
-    dropped = round(rate * 256) / 256
-    assert abs((out == 0).mean() - dropped) < 0.01
-    np.testing.assert_allclose(out[out != 0], 1 / (1 - dropped), rtol=1e-6)
-    assert abs(out.mean() - 1.0) < 0.02
-    # The dropped places differ along every axis (no repeated pattern between rows).
-    assert not np.array_equal(out[0] == 0, out[1] == 0)
-    assert not np.array_equal(out[:, 0] == 0, out[:, 1] == 0)
-    np.testing.assert_array_equal(dropout.apply({}, None, x, False), x)
-
-
-@pytest.mark.parametrize("spec, shape_a, shape_b", [
-    ("mi,io->mo", (64, 48), (48, 32)),                      # Linear (transformer.matmul)
-    ("bthk,bshk->bhts", (3, 4, 2, 16), (3, 4, 2, 16)),      # attention scores (einsum)
-    ("bhts,bshk->bthk", (3, 2, 4, 4), (3, 4, 2, 16)),       # attention output (einsum)
-])
-def test_low_precision_gradients_match_float32(spec, shape_a, shape_b):
-    """matmul / einsum with bfloat16 operands: a float32 result, and gradients (the custom
-    rule, in bfloat16 with float32 accumulation) within bfloat16 rounding of float32's."""
-    fn = transformer.matmul if spec == "mi,io->mo" else functools.partial(transformer.einsum,
-                                                                          spec)
-    a = jax.random.normal(jax.random.PRNGKey(0), shape_a)
-    b = jax.random.normal(jax.random.PRNGKey(1), shape_b) / 7
-    g = jax.random.normal(jax.random.PRNGKey(2), jax.eval_shape(fn, a, b).shape)
-
-    def vjp(a, b):
-        out, pullback = jax.vjp(fn, a, b)
-        return (out, *pullback(g.astype(out.dtype)))
-
-    exact = vjp(a, b)
-    np.testing.assert_allclose(exact[0], jnp.einsum(spec, a, b), rtol=1e-5, atol=1e-5)
-    low = jax.jit(vjp)(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))
-    assert [x.dtype for x in low] == [jnp.float32, jnp.bfloat16, jnp.bfloat16]
-    for x, y in zip(low, exact):
-        scale = np.abs(np.asarray(y)).max()
-        np.testing.assert_allclose(np.asarray(x, np.float32), y, atol=0.02 * scale)
-        assert not np.array_equal(np.asarray(x, np.float32), y)  # it did run in bfloat16
-
-
 @pytest.mark.parametrize("changes, batch_size", [
     ({}, BATCH_SIZE),
     # Key size above the context, 3 sequences of 2 heads: shapes where XLA:CPU once chose a
@@ -428,83 +385,7 @@ def test_decoder_layer_i_cross_attends_to_encoder_layer_i():
 
 
 # ---------------------------------------------------------------------------------------------
-# KV cache
-
-
-@pytest.mark.parametrize("use_encoder", [False, True])
-@pytest.mark.parametrize("batch_size", [1, BATCH_SIZE])
-def test_cached_prefill_and_steps_match_full_forward(use_encoder, batch_size):
-    """Prefill of k tokens, then one-token steps, gives the logits of one full forward.
-
-    Two encoder layers, so that the order of several encoder and cross-attention caches counts.
-    With batch size 1 the steps read the transposed weights.
-    """
-    hp = tiny(use_encoder, encoder_N=2 if use_encoder else 1)
-    params = random_params(hp)
-    seq_len, prefill = hp.max_seq_len, 5
-    tokens = random_tokens(14, batch_size=batch_size)
-    full = jitted_apply(hp, False)(params, None, tokens)                   # [B, T, V]
-
-    cached = jax.jit(transformer.build_cached(hp, VOCAB).apply)
-    params = transformer.add_transposed_weights(params)
-    cache = transformer.init_cache(hp, batch_size)
-    logits, cache = cached(params, None, tokens[:, :prefill], cache, 0)
-    steps = [logits]
-    for t in range(prefill, seq_len):
-        logits, cache = cached(params, None, tokens[:, t:t + 1], cache, jnp.int32(t))
-        steps.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5, rtol=1e-5)
-
-
-def test_single_rows_read_the_transposed_weights():
-    """add_transposed_weights adds w_t to the Linears with more inputs than outputs; a
-    one-position step of batch 1 computes those by w_t, of batch 2 by w."""
-    hp = tiny()
-    params = random_params(hp)
-    with_t = transformer.add_transposed_weights(params)
-    transposed = sorted(name for name, p in with_t.items() if "w_t" in p)
-    assert transposed == ["transformer/decoder_0/ff_out", "transformer/decoder_1/ff_out",
-                          "transformer/unembed"]  # [64, 32] and [32, 10]; not ff_in [32, 64]
-    np.testing.assert_array_equal(with_t["transformer/unembed"]["w_t"],
-                                  params["transformer/unembed"]["w"].T)
-    cached = jax.jit(transformer.build_cached(hp, VOCAB).apply)
-    zeroed = {**with_t, "transformer/unembed": {
-        **with_t["transformer/unembed"], "w_t": jnp.zeros((VOCAB, hp.d_model))}}
-    for batch_size, reads_w_t in ((1, True), (BATCH_SIZE, False)):
-        tokens, cache = random_tokens(3, 1, batch_size), transformer.init_cache(hp, batch_size)
-        logits = cached(with_t, None, tokens, cache, 0)[0]
-        bias_only = np.allclose(cached(zeroed, None, tokens, cache, 0)[0],
-                                params["transformer/unembed"]["b"])
-        assert bias_only == reads_w_t
-        assert not np.allclose(logits, params["transformer/unembed"]["b"])
-    with pytest.raises(ValueError, match="w_t"):
-        cached(params, None, random_tokens(3, 1, 1), transformer.init_cache(hp, 1), 0)
-
-
-@pytest.mark.parametrize("use_encoder", [False, True])
-def test_chunk_cache_steps_match_full_forward(use_encoder):
-    """Steps through ChunkCaches (the full cache only read, new keys in a chunk-sized cache)
-    give the full forward's logits, in chunks of 4 (start_chunk, steps, end_chunk)."""
-    hp = tiny(use_encoder, encoder_N=2 if use_encoder else 1)
-    params = random_params(hp)
-    prefill, chunk = 5, 4
-    tokens = random_tokens(15)
-    full = jitted_apply(hp, False)(params, None, tokens)                   # [B, T, V]
-
-    cached = jax.jit(transformer.build_cached(hp, VOCAB).apply)
-    logits, cache = cached(params, None, tokens[:, :prefill],
-                           transformer.init_cache(hp, BATCH_SIZE), 0)
-    steps = [logits]
-    for start in range(prefill, hp.max_seq_len - chunk + 1, chunk):
-        state = transformer.start_chunk(cache, jnp.int32(start), chunk)
-        for t in range(start, start + chunk):
-            logits, state = cached(params, None, tokens[:, t:t + 1], state, jnp.int32(t))
-            steps.append(logits)
-        cache = transformer.end_chunk(cache, state)
-    done = prefill + len(steps) - 1
-    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full[:, :done],
-                               atol=1e-5, rtol=1e-5)
-    assert done == hp.max_seq_len - (hp.max_seq_len - prefill) % chunk
+# Sampling's forward pass over a full window
 
 
 @pytest.mark.parametrize("use_encoder", [False, True])
@@ -523,7 +404,7 @@ def test_last_only_gives_the_last_positions_logits(use_encoder):
     with_cache = hk.transform(lambda tokens, cache: transformer.Transformer(hp, VOCAB)(
         tokens, False, cache, 0, last_only=True))
     with pytest.raises(ValueError, match="last_only"):
-        with_cache.init(jax.random.PRNGKey(0), tokens, transformer.init_cache(hp, BATCH_SIZE))
+        with_cache.init(jax.random.PRNGKey(0), tokens, kv_cache.init_cache(hp, BATCH_SIZE))
 
 
 # ---------------------------------------------------------------------------------------------

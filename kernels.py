@@ -1,0 +1,221 @@
+"""How the model's arithmetic runs fast on XLA (mostly XLA:CPU): none of it changes the math.
+
+transformer.py calls these in place of the plain JAX operations; each piece says why it is
+here, with the measurement behind it (README, "Benchmark", for the whole-model figures):
+
+  matmul, einsum    bfloat16 operands with float32 accumulation, and gradient rules that
+                    keep the backward matmuls in bfloat16 (JAX's own rules ran them at
+                    float32 speed).
+  Linear            hk.Linear by `matmul`; for single rows (sampling one stream), the
+                    transposed copy "w_t" of add_transposed_weights, which XLA:CPU streams
+                    faster. single_rows_read_w_t switches that on for the cached model.
+  fused_attention   jax.nn.dot_product_attention, XLA's fused softmax(q k) v, where no
+                    attention weight is dropped.
+  dropout           8 random bits per element instead of hk.dropout's 32.
+"""
+
+import contextlib
+import functools
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# ---------------------------------------------------------------------------------------------
+# Low-precision matmuls
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [M, I] @ w [I, O] -> [M, O]: einsum("mi,io->mo", x, w) with its gradients written
+    as the dot_generals XLA:CPU runs fastest in bfloat16 (jnp.einsum's lowering of the input
+    gradient ran at float32 speed: 23 ms against 13 ms at M 4096, I 384, O 1536)."""
+    if x.dtype == w.dtype == jnp.float32:
+        return x @ w
+    return _low_precision_matmul(x, w)
+
+
+def _dot(a, b, contracting: tuple[int, int]) -> jax.Array:
+    dims = (((contracting[0],), (contracting[1],)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _low_precision_matmul(x, w):
+    return _dot(x, w, (1, 0))                                   # [M, I] . [I, O] -> [M, O]
+
+
+def _low_precision_matmul_fwd(x, w):
+    return _low_precision_matmul(x, w), (x, w)
+
+
+def _low_precision_matmul_bwd(residuals, g):
+    x, w = residuals
+    g = g.astype(x.dtype)                                       # [M, O]
+    grad_x = _dot(g, w, (1, 1))                                 # [M, O] . [I, O] -> [M, I]
+    grad_w = _dot(x, g, (0, 0))                                 # [M, I] . [M, O] -> [I, O]
+    return grad_x.astype(x.dtype), grad_w.astype(w.dtype)
+
+
+_low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
+
+
+def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """jnp.einsum of two operands, accumulated in float32 and returned in float32.
+
+    For low-precision operands (bfloat16 under a jmp policy) the gradients are einsums of
+    that precision too: JAX's own rule would pair the float32 cotangent with a bfloat16
+    operand and run the backward matmuls (two thirds of the FLOPs) at float32 speed. Every
+    index of an operand must also appear in the other operand or in the output.
+    """
+    if a.dtype == b.dtype == jnp.float32:
+        return jnp.einsum(spec, a, b)
+    return _low_precision_einsum(spec, a, b)
+
+
+def _einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """Low-precision einsum accumulated in float32, in the form XLA:CPU has bfloat16 kernels
+    for: each operand's batch indices first, in the output's order, and the operands ordered
+    as the output's free indices are (the first one's first). Other forms of some of these
+    contractions fail at run time (UNIMPLEMENTED: "Unsupported element type for DotThunk")."""
+    inputs, out = spec.split("->")
+    spec_a, spec_b = inputs.split(",")
+    batch = [c for c in out if c in spec_a and c in spec_b]
+
+    def batch_first(x, indices):
+        order = batch + [c for c in indices if c not in batch]
+        return x.transpose([indices.index(c) for c in order]), "".join(order)
+
+    (a, spec_a), (b, spec_b) = batch_first(a, spec_a), batch_first(b, spec_b)
+    free = [c for c in out if (c in spec_a) != (c in spec_b)]
+    if free and free[0] in spec_b:
+        spec_a, spec_b, a, b = spec_b, spec_a, b, a
+    return jnp.einsum(f"{spec_a},{spec_b}->{out}", a, b, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _low_precision_einsum(spec, a, b):
+    return _einsum_f32(spec, a, b)
+
+
+def _low_precision_einsum_fwd(spec, a, b):
+    return _einsum_f32(spec, a, b), (a, b)
+
+
+def _low_precision_einsum_bwd(spec, residuals, g):
+    a, b = residuals                                    # d/da of "a,b->out" is "out,b->a"
+    inputs, out = spec.split("->")
+    spec_a, spec_b = inputs.split(",")
+    g = g.astype(a.dtype)
+    return (_einsum_f32(f"{out},{spec_b}->{spec_a}", g, b).astype(a.dtype),
+            _einsum_f32(f"{out},{spec_a}->{spec_b}", g, a).astype(b.dtype))
+
+
+_low_precision_einsum.defvjp(_low_precision_einsum_fwd, _low_precision_einsum_bwd)
+
+
+def cast_to_compute(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """The arrays in the compute dtype of Linear's jmp policy (as they are without one)."""
+    policy = hk.mixed_precision.get_policy(Linear)
+    return arrays if policy is None else policy.cast_to_compute(arrays)
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear, and transposed weights for single rows
+
+_single_rows_read_w_t = False
+
+
+@contextlib.contextmanager
+def single_rows_read_w_t():
+    """Within it (while a model is traced), a Linear given a single row x [1, I] with I > O
+    multiplies it by the weight's transposed copy "w_t" [O, I] (see add_transposed_weights).
+
+    XLA:CPU computes x @ w by streaming w's rows, and long rows stream faster: ff_out's w_t
+    has 1536-float rows where w has 384-float ones (22-28 against 15-16 GB/s; one-stream
+    sampling took 11-13% less time per character). With more rows it is a matrix product,
+    which ran slower on w_t (8 streams: 73 against 128 steps/s), so those read w.
+    """
+    global _single_rows_read_w_t
+    previous, _single_rows_read_w_t = _single_rows_read_w_t, True
+    try:
+        yield
+    finally:
+        _single_rows_read_w_t = previous
+
+
+class Linear(hk.Linear):
+    """hk.Linear (same parameters and initializers, always a bias) computed by `matmul`.
+
+    Under a jmp policy (see transformer.build's `compute_dtype`) Haiku casts the input and
+    parameters to the compute dtype before this call and the output to float32 after it.
+    """
+
+    def __init__(self, output_size: int, name: str):
+        super().__init__(output_size, name=name)
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        *batch, self.input_size = inputs.shape
+        x = inputs.reshape(-1, self.input_size)                          # [M, I]
+        if (_single_rows_read_w_t and x.shape[0] == 1
+                and _has_w_t(self.input_size, self.output_size)):
+            w_t = hk.get_parameter("w_t", [self.output_size, self.input_size], inputs.dtype,
+                                   init=_missing_w_t)
+            out = _dot(x, w_t, (1, 1))                                   # x @ w_t.T
+        else:
+            w = hk.get_parameter("w", [self.input_size, self.output_size], inputs.dtype,
+                                 init=self.w_init or hk.initializers.TruncatedNormal(
+                                     1.0 / np.sqrt(self.input_size)))
+            out = matmul(x, w)
+        b = hk.get_parameter("b", [self.output_size], inputs.dtype,
+                             init=self.b_init or jnp.zeros)
+        return (out + b).reshape(*batch, self.output_size)
+
+
+def _has_w_t(input_size: int, output_size: int) -> bool:
+    """Whether add_transposed_weights gives a Linear of these sizes a transposed copy: the
+    transpose has the longer rows."""
+    return input_size > output_size
+
+
+def _missing_w_t(shape, dtype):
+    raise ValueError("the cached model reads single rows by transposed weights 'w_t': give it "
+                     "kernels.add_transposed_weights(params).")
+
+
+def add_transposed_weights(params: hk.Params) -> hk.Params:
+    """params plus, for each Linear weight w [I, O] with I > O, its transpose "w_t" [O, I]:
+    what a single row reads under single_rows_read_w_t. Other models ignore them."""
+    return {name: {**p, "w_t": jnp.transpose(p["w"])}
+            if "w" in p and _has_w_t(*p["w"].shape) else p
+            for name, p in params.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention and dropout
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """softmax(q k / sqrt(K), where mask) v by XLA's fused kernel: q [B, T, H, K], keys
+    k [B, H, K, S], values v [B, H, S, K], mask [T, S] -> [B, T, H, K]. It keeps no attention
+    weights to drop, so it serves evaluation, sampling and training without dropout."""
+    k, v = k.transpose(0, 3, 1, 2), v.transpose(0, 2, 1, 3)             # [B, S, H, K]
+    return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
+                                        mask=mask[None, None])
+
+
+def dropout(x: jax.Array, rate: float, is_training: bool) -> jax.Array:
+    """Inverted dropout drawing 8 random bits per element where hk.dropout draws 32.
+
+    The keep/drop decisions are bytes of threefry words, four per word, so the costly PRNG
+    runs a quarter as often (dropout masks were 10% of a CPU training step). The rate is
+    rounded to a multiple of 1/256 (0.2 -> 51/256 = 0.199); kept values are scaled by the
+    exact inverse keep probability, so the expectation is unchanged.
+    """
+    drop = min(round(rate * 256), 255)  # drop an element when its byte is < drop
+    if not is_training or drop == 0:
+        return x
+    words = jax.random.bits(hk.next_rng_key(), (-(-x.size // 4),), jnp.uint32)
+    bytes_ = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(-1)[:x.size]
+    keep = bytes_.reshape(x.shape) >= drop
+    return jnp.where(keep, x * (256 / (256 - drop)), 0).astype(x.dtype)
