@@ -42,7 +42,7 @@ def tiny_run(tmp_path_factory):
     import train
 
     tmp_dir = tmp_path_factory.mktemp("tiny_run")
-    meta = train.train(tiny_config(tmp_dir), TINY)
+    meta = train.train(tiny_config(tmp_dir, max_iters=100, eval_interval=50), TINY)
     latest, best = train.params_paths(str(tmp_dir / "params"), meta["run_hash"])
     return {"meta": meta, "latest": latest, "best": best, "dir": tmp_dir}
 
@@ -53,3 +53,17 @@ def run_script(*args, timeout=300, **kwargs):
 
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, **kwargs)
+
+
+def within(timeout: float, read, *args):
+    """read(*args) (a blocking read of a child's pipe), failing the test after `timeout`
+    seconds instead of hanging it; the caller kills the child."""
+    import threading
+
+    result = []
+    reader = threading.Thread(target=lambda: result.append(read(*args)), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if reader.is_alive():
+        pytest.fail(f"{getattr(read, '__qualname__', read)} read nothing within {timeout} s")
+    return result[0]

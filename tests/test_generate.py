@@ -10,21 +10,24 @@ import pytest
 import checkpoint
 import generate
 import transformer
-from conftest import TINY, run_script
+from conftest import TINY, run_script, within
 
 VOCAB_SIZE = 12
 
 
-def reference_sample(params, hp, context_ids, key, num_chars, temperature=1.0, top_k=None):
-    """The plain sampler: a full forward pass over the last max_seq_len ids per character."""
+def reference_sample(params, hp, context_ids, key, num_chars, temperature=1.0, top_k=None,
+                     num_samples=1):
+    """The plain sampler: a full forward pass over the last max_seq_len ids per character, for
+    num_samples streams side by side (character i of every stream drawn with fold_in(key, i)).
+    -> [num_samples, num_chars] ids."""
     apply = jax.jit(transformer.build(hp, VOCAB_SIZE).apply, static_argnums=3)
-    ids = list(context_ids)
+    ids = np.tile(np.asarray(context_ids, np.int32), (num_samples, 1))       # [B, T]
     for i in range(num_chars):
-        window = jnp.asarray(ids[-hp.max_seq_len:], jnp.int32)[None]        # [1, T]
-        logits = apply(params, None, window, False)[:, -1]                   # [1, V]
+        window = jnp.asarray(ids[:, -hp.max_seq_len:])                        # [B, <= S]
+        logits = apply(params, None, window, False)[:, -1]                    # [B, V]
         token = generate.sample_logits(jax.random.fold_in(key, i), logits, temperature, top_k)
-        ids.append(int(token[0]))
-    return ids[len(context_ids):]
+        ids = np.concatenate([ids, np.asarray(token)[:, None]], axis=1)
+    return ids[:, len(context_ids):]
 
 
 def init_params(hp, seed=0):
@@ -42,7 +45,8 @@ def test_cached_sampler_equals_windowed_reference_past_the_window(use_encoder):
     key = jax.random.PRNGKey(7)
     cached = generate.Sampler(hp, VOCAB_SIZE).sample(params, context, key, num_chars)
     assert cached.shape == (1, num_chars)
-    assert cached[0].tolist() == reference_sample(params, hp, context, key, num_chars)
+    np.testing.assert_array_equal(cached, reference_sample(params, hp, context, key,
+                                                           num_chars))
 
 
 def test_long_context_keeps_its_last_max_seq_len_characters():
@@ -53,8 +57,8 @@ def test_long_context_keeps_its_last_max_seq_len_characters():
     np.testing.assert_array_equal(
         sampler.sample(params, long_context, key, 20),
         sampler.sample(params, long_context[-TINY.max_seq_len:], key, 20))
-    assert sampler.sample(params, long_context, key, 20)[0].tolist() == reference_sample(
-        params, TINY, long_context, key, 20)
+    np.testing.assert_array_equal(sampler.sample(params, long_context, key, 20),
+                                  reference_sample(params, TINY, long_context, key, 20))
 
 
 def test_same_seed_same_text_other_seed_other_text():
@@ -96,13 +100,26 @@ def test_temperature_sharpens_and_flattens():
     assert 0.46 < share(100.0) < 0.56    # nearly uniform (p = 0.503)
 
 
-def test_batch_streams_are_independent_and_each_matches_reference():
-    params = init_params(TINY)
-    context = np.array([4, 2], np.int32)
-    key = jax.random.PRNGKey(11)
-    batch = generate.Sampler(TINY, VOCAB_SIZE).sample(params, context, key, 40, num_samples=3)
-    assert batch.shape == (3, 40)
-    assert len({tuple(row) for row in batch.tolist()}) == 3
+@pytest.mark.parametrize("use_encoder, num_samples", [(False, 1), (True, 3)])
+def test_chunked_sampling_equals_reference_through_chunks_steps_and_a_full_window(
+        use_encoder, num_samples):
+    """A short context in a window of several chunks: multi-character cached chunks, single
+    steps where fewer than a chunk's positions are free, then past the full window; each
+    stream equals the plain sampler's, and the streams differ."""
+    hp = TINY._replace(use_encoder=use_encoder)
+    params = init_params(hp)
+    context = np.array([4, 2, 7], np.int32)   # chunks of 4 over positions 3..14, one step
+    key = jax.random.PRNGKey(11)              # to 16, then the window slides
+    num_chars = 2 * hp.max_seq_len + 5
+    sampler = generate.Sampler(hp, VOCAB_SIZE, chunk=4)
+    sizes = [chunk.shape[1] for chunk, _ in zip(
+        sampler.stream(params, context, key, num_samples), range(7))]
+    assert sizes == [4, 4, 4, 1, 4, 4, 4]
+    batch = sampler.sample(params, context, key, num_chars, num_samples=num_samples)
+    assert batch.shape == (num_samples, num_chars)
+    np.testing.assert_array_equal(
+        batch, reference_sample(params, hp, context, key, num_chars, num_samples=num_samples))
+    assert len({tuple(row) for row in batch.tolist()}) == num_samples
 
 
 # End to end through the script, with a tiny trained params file.
@@ -184,7 +201,7 @@ def test_ctrl_c_ends_an_endless_stream_cleanly(tiny_run):
         [sys.executable, "generate.py", f"--params={tiny_run['best']}", "--prng_seed=3"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        streamed = process.stdout.read(300)  # the 128-character context, then samples
+        streamed = within(120, process.stdout.read, 300)  # the context, then samples
         process.send_signal(signal.SIGINT)
         rest, err = process.communicate(timeout=60)
     finally:

@@ -31,6 +31,17 @@ split = NamedSharding(mesh, P("data"))
 inputs, _ = jax.jit(lambda k, ids: jax.lax.with_sharding_constraint(
     data.sample_batch(k, ids, 8, TINY.max_seq_len), split))(
     jax.random.PRNGKey(0), np.arange(1000, dtype=np.int32))
+# The compiled step that train() runs, as text: its first call lowers it once more.
+compiled = []
+make_train_step = train.make_train_step
+def spy(*args):
+    step = make_train_step(*args)
+    def first_lowered(state, ids):
+        if not compiled:
+            compiled.append(step.lower(state, ids).compile().as_text())
+        return step(state, ids)
+    return first_lowered
+train.make_train_step = spy
 meta = train.train(config, TINY)
 params = checkpoint.load(train.params_paths(config.params_dir, meta["run_hash"])[0])
 text = generate.Sampler(params.hparams, len(params.vocab)).sample(
@@ -40,7 +51,8 @@ print(json.dumps({
     "shard_shapes": [list(s.data.shape) for s in inputs.addressable_shards],
     "val_loss": meta["history"]["val_loss"], "train_loss": meta["history"]["train_loss"],
     "leaves": [float(np.abs(x).sum()) for x in jax.tree.leaves(params.params)],
-    "sample_len": int(text.shape[1])}))
+    "sample_len": int(text.shape[1]),
+    "all_reduces": compiled[0].count(" all-reduce(")}))
 """
 
 
@@ -64,6 +76,9 @@ def test_four_devices_train_like_one(tmp_path):
     # the scores), which Adam scales up to full steps: compare them absolutely.
     np.testing.assert_allclose(four["leaves"], one["leaves"], rtol=1e-5, atol=2e-3)
     assert four["sample_len"] == 20
+    # Each device computes its share of the batch, so the gradients (and the loss) are summed
+    # across devices in the step; if every device computed the whole batch, nothing would be.
+    assert four["all_reduces"] >= 1 and one["all_reduces"] == 0
 
 
 def test_batch_not_divisible_by_devices_is_a_clear_error():
@@ -100,16 +115,26 @@ def test_two_processes_with_jax_distributed_train_like_one(tmp_path):
     single = run_script(*common, f"--params_dir={tmp_path / 'single'}")
     assert single.returncode == 0, single.stderr[-2000:]
     multi_dir = tmp_path / "multi"
+    # Each child writes to files, not pipes: read one after the other, a pipe could fill up
+    # and block its child in a collective that the other child waits for.
+    logs = [(open(multi_dir.with_suffix(f".{i}.out"), "w+"),
+             open(multi_dir.with_suffix(f".{i}.err"), "w+")) for i in range(2)]
     processes = [subprocess.Popen(
         [sys.executable, *common, f"--params_dir={multi_dir}", "--distributed=True",
          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-         f"--process_id={i}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True) for i in range(2)]
+         f"--process_id={i}"], cwd=ROOT, stdout=out, stderr=err, text=True)
+        for i, (out, err) in enumerate(logs)]
     try:
-        outputs = [p.communicate(timeout=400) for p in processes]
+        for p in processes:
+            p.wait(timeout=400)
     finally:
         for p in processes:
             p.kill()
+    outputs = []
+    for out, err in logs:
+        out.seek(0), err.seek(0)
+        outputs.append((out.read(), err.read()))
+        out.close(), err.close()
     for p, (out, err) in zip(processes, outputs):
         assert p.returncode == 0, err[-2000:]
     expected = _eval_lines(single.stdout)

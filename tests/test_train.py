@@ -8,25 +8,41 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 import checkpoint
 import common
+import data
 import eval as evaluation
+import generate
 import train
 import transformer
-from conftest import CORPUS, ROOT, TINY, run_script, tiny_config
+from conftest import CORPUS, ROOT, TINY, run_script, tiny_config, within
 
 
-def test_loss_falls_and_both_params_files_hold_their_steps(tiny_run):
+def test_loss_falls_well_below_character_frequencies(tiny_run):
+    """100 steps of the tiny model learn more than how often each character occurs: both
+    losses end 0.2 nats/char or more below the unigram entropy of the training text (3.02),
+    the best that a model of character frequencies alone can do."""
     history = tiny_run["meta"]["history"]
-    assert history["step"] == [20, 40]
-    assert history["val_loss"][-1] < history["val_loss"][0] < math.log(88) + 0.5
-    assert history["train_loss"][-1] < 3.6  # from ~4.5 (uniform over 88 characters)
+    assert history["step"] == [50, 100]
+    ids = data.encode(data.load_corpus(CORPUS), checkpoint.load(tiny_run["best"]).vocab)
+    counts = np.bincount(data.split(ids)[0])
+    p = counts[counts > 0] / counts.sum()
+    unigram_entropy = float(-(p * np.log(p)).sum())
+    assert 2.9 < unigram_entropy < 3.1
+    assert history["val_loss"][-1] < history["val_loss"][0] < math.log(88)
+    assert history["val_loss"][-1] < unigram_entropy - 0.2
+    assert history["train_loss"][-1] < unigram_entropy - 0.2
+
+
+def test_both_params_files_hold_their_steps(tiny_run):
+    history = tiny_run["meta"]["history"]
 
     latest = checkpoint.load(tiny_run["latest"])
     best = checkpoint.load(tiny_run["best"])
-    assert latest.meta["step"] == 40
+    assert latest.meta["step"] == 100
     best_step = history["step"][int(np.argmin(history["val_loss"]))]
     assert best.meta["step"] == best.meta["min_val_step"] == best_step
     assert best.meta["min_val_loss"] == pytest.approx(min(history["val_loss"]))
@@ -134,10 +150,24 @@ def test_aim_run_holds_the_metrics(tmp_path):
                                meta["history"]["val_loss"], rtol=1e-6)
     np.testing.assert_allclose(metrics[("loss", (("subset", "train"),))],
                                meta["history"]["train_loss"], rtol=1e-6)
+    for subset in ("train", "val"):
+        np.testing.assert_allclose(metrics[("bpc", (("subset", subset),))],
+                                   np.array(meta["history"][f"{subset}_loss"]) / math.log(2),
+                                   rtol=1e-6)
     for name in ("learning_rate", "grad_norm", "tokens_per_s", "batch_loss"):
         assert len(metrics[(name, ())]) == 4  # every log_interval=5 steps
     assert run["hparams"]["d_model"] == TINY.d_model
     assert run["config"]["max_iters"] == 20
+
+    # A text sample per evaluation: the sampler's text from a newline, seeded by the step.
+    from aim.storage.context import Context
+    steps, (texts, *_) = run.get_text_sequence("sample", Context({})).data.items_list()
+    assert steps == [10, 20]
+    latest = checkpoint.load(train.params_paths(config.params_dir, meta["run_hash"])[0])
+    ids = generate.Sampler(TINY, len(latest.vocab)).sample(
+        latest.params, data.encode("\n", latest.vocab), jax.random.PRNGKey(20), 20)
+    assert texts[-1].data == data.decode(ids[0], latest.vocab)
+    assert len(texts[0].data) == 20 and texts[0].data != texts[-1].data
 
 
 def test_unusable_aim_repo_warns_once_and_still_trains(tmp_path, capsys):
@@ -150,7 +180,10 @@ def test_unusable_aim_repo_warns_once_and_still_trains(tmp_path, capsys):
     assert capsys.readouterr().err.count("warning: Aim tracking is off") == 1
 
 
-def test_sigint_saves_and_exits_0(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_and_exits_0(tmp_path, signum):
+    """Ctrl-C (SIGINT) or SIGTERM (a scheduler's stop) at the command line: the latest params
+    file is saved, the way to resume is printed, and the exit status is 0."""
     args = [sys.executable, "train.py", f"--source_file={CORPUS}", "--aim=False",
             f"--params_dir={tmp_path}", "--max_iters=100000", "--eval_interval=5",
             "--eval_batch_size=512", "--batch_size=4", "--sample_chars=0",
@@ -158,17 +191,101 @@ def test_sigint_saves_and_exits_0(tmp_path):
     process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     try:
-        first_line = process.stdout.readline()  # blocks until the first evaluation
+        first_line = within(120, process.stdout.readline)  # the first evaluation's line
         assert first_line.startswith("step 5 | train "), first_line
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         out, err = process.communicate(timeout=120)
     finally:
         process.kill()
     assert process.returncode == 0, err
-    assert "SIGINT: stopped at step" in err and "--resume=" in err
+    assert f"{signal.Signals(signum).name}: stopped at step" in err and "--resume=" in err
     (latest,) = [p for p in os.listdir(tmp_path) if p.endswith(".pkl")
                  and not p.endswith("min_val.pkl")]
     assert checkpoint.load(os.path.join(tmp_path, latest)).meta["step"] >= 5
+
+
+def _signal_after(monkeypatch, signum, at_step: int) -> None:
+    """train.train's steps send this process `signum` once step `at_step` is done, as a
+    Ctrl-C between two evaluations would."""
+    real_make_train_step = train.make_train_step
+
+    def make_train_step(*args):
+        step_fn = real_make_train_step(*args)
+
+        def step(state, ids):
+            state, metrics = step_fn(state, ids)
+            if int(state.step) == at_step:
+                os.kill(os.getpid(), signum)
+            return state, metrics
+        return step
+
+    monkeypatch.setattr(train, "make_train_step", make_train_step)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_mid_interval_then_resume_equals_uninterrupted_bit_for_bit(
+        tmp_path, monkeypatch, signum):
+    """Stopped by a signal at step 13 (between the evaluations at 10 and 20), then resumed:
+    the same params, optimizer state and evaluations as a run that never stopped. Exactly:
+    the file holds the float32 state as it was, and the same compiled step continues it."""
+    config = tiny_config(tmp_path, max_iters=20, eval_interval=10)
+    whole = train.train(config, TINY)
+    with monkeypatch.context() as patch:
+        _signal_after(patch, signum, 13)
+        stopped = train.train(config, TINY)
+    assert stopped["step"] == 13 and stopped["history"]["step"] == [10]
+    latest, _ = train.params_paths(config.params_dir, stopped["run_hash"])
+    assert checkpoint.load(latest).meta["step"] == 13
+    resumed = train.train(config._replace(resume=latest), transformer.HPARAMS)
+    for name in ("step", "train_loss", "val_loss"):
+        assert resumed["history"][name] == whole["history"][name]
+    a = checkpoint.load(train.params_paths(config.params_dir, whole["run_hash"])[0])
+    b = checkpoint.load(latest)
+    assert b.meta["step"] == 20
+    for x, y in zip(jax.tree.leaves((a.params, a.opt_state, a.rng)),
+                    jax.tree.leaves((b.params, b.opt_state, b.rng))):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_resume_refusals_exit_2_with_their_message(tiny_run):
+    """--resume refuses model overrides (the HPARAMS come from the file) and a file without
+    optimizer state (the shipped one), each with exit 2 and its message."""
+    cases = [
+        ([f"--resume={tiny_run['latest']}", "--d_model=64"],
+         "the model's HPARAMS come from the params file"),
+        ([f"--resume={evaluation.DEFAULT_PARAMS}"], "the file has no optimizer state"),
+    ]
+    for args, message in cases:
+        result = run_script("train.py", *args, f"--source_file={CORPUS}", "--aim=False",
+                            timeout=120)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
+def test_resume_refuses_a_changed_optimizer(tiny_run, monkeypatch):
+    """An optimizer whose state differs from the file's (here: one more Adam moment pair) is
+    refused rather than fed the wrong arrays."""
+    real_make_optimizer = train.make_optimizer
+    monkeypatch.setattr(train, "make_optimizer", lambda config: optax.chain(
+        real_make_optimizer(config), optax.scale_by_adam()))
+    config, _ = train.resolve([f"--resume={tiny_run['latest']}"])
+    with pytest.raises(common.UserError, match="optimizer state does not match"):
+        train.train(config, transformer.HPARAMS)
+
+
+def test_nan_loss_exits_1_through_the_command_line(tmp_path):
+    """A learning rate of 1e30 blows the loss up to nan within five steps: exit 1, a clear
+    error, no traceback."""
+    result = run_script("train.py", f"--source_file={CORPUS}", "--aim=False",
+                        f"--params_dir={tmp_path}", "--max_iters=40", "--eval_interval=20",
+                        "--batch_size=4", "--eval_batch_size=512", "--sample_chars=0",
+                        "--learning_rate=1e30", "--grad_clip=0", "--warmup_iters=0",
+                        "--log_interval=5", *(f"--{k}={v}" for k, v in TINY._asdict().items()),
+                        timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "error: the training loss is nan at step 5: training stopped" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_non_finite_loss_stops_with_clear_error_and_keeps_files(tmp_path, monkeypatch):
@@ -194,7 +311,8 @@ def test_non_finite_loss_stops_with_clear_error_and_keeps_files(tmp_path, monkey
 
 
 def test_train_step_compiles_once(tmp_path):
-    """Static shapes: the jitted step (and evaluation) never recompile after the first call."""
+    """Static shapes: after its first call the jitted step never traces or compiles again
+    (counted with jax.monitoring's compile events, whatever the persistent cache holds)."""
     config = tiny_config(tmp_path)
     text = evaluation.data.load_corpus(CORPUS)
     vocab = evaluation.data.build_vocab(text)
@@ -203,7 +321,87 @@ def test_train_step_compiles_once(tmp_path):
     state = train.fresh_start(config, TINY, vocab, model, optimizer).state
     step = train.make_train_step(model, optimizer, config.batch_size, TINY.max_seq_len)
     ids = jax.numpy.asarray(evaluation.data.encode(text[:5000], vocab))
-    for _ in range(3):
-        state, metrics = step(state, ids)
-    assert int(state.step) == 3 and math.isfinite(float(metrics["loss"]))
-    assert step._cache_size() == 1
+    state, _ = step(state, ids)
+    events = []
+    listener = lambda event, duration, **kwargs: events.append(event)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for _ in range(3):
+            state, metrics = step(state, ids)
+        assert int(state.step) == 4 and math.isfinite(float(metrics["loss"]))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert not [e for e in events if e.startswith("/jax/core/compile/")], events
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimizer: schedule, weight-decay mask, gradient clipping (train.make_schedule and
+# train.make_optimizer, with the expected values computed here).
+
+
+def test_schedule_warms_up_linearly_then_cosine_decays_to_its_floor():
+    config = train.CONFIG._replace(learning_rate=2e-3, warmup_iters=50, max_iters=450,
+                                   min_lr_ratio=0.1)
+    schedule = train.make_schedule(config)
+    peak, floor = 2e-3, 2e-4
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(25)) == pytest.approx(peak / 2, rel=1e-6)
+    assert float(schedule(50)) == pytest.approx(peak, rel=1e-6)
+    for step in (100, 250, 400):
+        progress = (step - 50) / (450 - 50)
+        expected = floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        assert float(schedule(step)) == pytest.approx(expected, rel=1e-5)
+    assert float(schedule(450)) == pytest.approx(floor, rel=1e-5)
+    assert float(schedule(10_000)) == pytest.approx(floor, rel=1e-5)  # past max_iters
+
+
+def _tiny_params():
+    model = transformer.build(TINY._replace(use_encoder=True), 10)
+    return jax.jit(model.init, static_argnums=2)(jax.random.PRNGKey(0),
+                                                 jax.numpy.zeros((1, 4), "int32"), False)
+
+
+def test_weight_decay_shrinks_matrices_and_embeddings_only():
+    """With zero gradients an AdamW step is pure decay: p -> p * (1 - lr * weight_decay) for
+    weight matrices and embedding tables; biases and LayerNorm gains and offsets stay."""
+    config = train.CONFIG._replace(learning_rate=1e-2, warmup_iters=0, weight_decay=0.5)
+    params = _tiny_params()
+    optimizer = train.make_optimizer(config)
+    zeros = jax.tree.map(jax.numpy.zeros_like, params)
+    updates, _ = optimizer.update(zeros, optimizer.init(params), params)
+    new = optax.apply_updates(params, updates)
+    decayed, kept = set(), set()
+    for module, leaves in params.items():
+        for name, value in leaves.items():
+            if name in ("w", "embeddings", "position_embed"):
+                np.testing.assert_allclose(new[module][name], value * (1 - 1e-2 * 0.5),
+                                           rtol=1e-6)
+                decayed.add(name)
+            else:
+                assert name in ("b", "scale", "offset"), name
+                np.testing.assert_array_equal(new[module][name], value)
+                kept.add(name)
+    assert decayed == {"w", "embeddings", "position_embed"}
+    assert kept == {"b", "scale", "offset"}
+
+
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
+def test_gradient_clipping_bounds_what_a_huge_gradient_moves(grad_clip):
+    """A gradient of global norm 1e6 reaches Adam's first moment clipped to norm grad_clip
+    (mu = (1 - b1) * g after one step); a small one is left as it is; 0 switches clipping off.
+    Adam's first update alone is scale-free, so the moment shows what clipping changed."""
+    config = train.CONFIG._replace(grad_clip=grad_clip, warmup_iters=0)
+    params = _tiny_params()
+    optimizer = train.make_optimizer(config)
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    direction = jax.tree.unflatten(tree, [jax.random.normal(k, x.shape)
+                                          for k, x in zip(keys, leaves)])
+    total = optax.tree.norm(direction)
+    direction = jax.tree.map(lambda g: g / total, direction)                   # norm 1
+    for norm in (1e6, 0.5):
+        grads = jax.tree.map(lambda g: g * norm, direction)
+        _, state = optimizer.update(grads, optimizer.init(params), params)
+        mu = optax.tree_utils.tree_get(state, "mu")
+        clipped = min(norm, grad_clip) if grad_clip > 0 else norm
+        assert float(optax.tree.norm(mu)) == pytest.approx(0.1 * clipped, rel=1e-4)
