@@ -279,8 +279,9 @@ def resume_start(config, hparams, optimizer) -> Start:
         raise UserError(f"--resume={config.resume}: the file has no optimizer state or rng "
                         "(a shipped params file?); resume from a training run's file.")
     params = jax.device_put(ckpt.params)
-    structure = jax.tree.structure(jax.eval_shape(optimizer.init, params))  # no compute
-    if structure.num_leaves != len(ckpt.opt_state):
+    expected = jax.eval_shape(optimizer.init, params)  # shapes only: no compute
+    structure = jax.tree.structure(expected)
+    if [x.shape for x in jax.tree.leaves(expected)] != [np.shape(x) for x in ckpt.opt_state]:
         raise UserError(f"--resume={config.resume}: its optimizer state does not match this "
                         "optimizer (was weight decay or clipping switched on or off?).")
     opt_state = jax.tree.unflatten(structure, [jnp.asarray(x) for x in ckpt.opt_state])
