@@ -1,13 +1,20 @@
 """Seeded character sampling with a KV cache: `python generate.py [--field=value ...]`.
 
-The model sees exactly what a plain windowed sampler shows it: the last max_seq_len characters.
-While the text fits the window, each new character costs one cached step (one position through
-the model, keys and values of earlier positions kept). Once the window is full, every new
-character shifts all positions by one, and with absolute positions no cached key or value stays
-valid (each depends on its position and, past the first layer, on the window it saw), so the
-window is re-prefilled: one full pass over max_seq_len characters per character, of which the
-last layer computes only what the last position's logits need. Each path is a jitted scan
-over a chunk of characters, with static shapes.
+Two kinds of model, two ways to be exact:
+- Learned or sinusoidal positions: the model sees what a plain windowed sampler shows it, the
+  last max_seq_len characters. While the text fits the window, each new character costs one
+  cached step (one position through the model, keys and values of earlier positions kept).
+  Once the window is full, every new character shifts all positions by one, and with absolute
+  positions no cached key or value stays valid (each depends on its position and, past the
+  first layer, on the window it saw), so the window is re-prefilled: one full pass over
+  max_seq_len characters per character, of which the last layer computes only what the last
+  position's logits need.
+- A streaming model (rotary positions, attention window W; transformer.streams): a query only
+  sees the last W positions of its layer, and rotary scores depend on relative positions, so
+  a key once cached stays valid for as long as a query can see it. Every character is one
+  cached step through ring buffers of W positions (kv_cache.RingCache), forever, and the text
+  equals one full forward pass over the whole text.
+Each path is a jitted scan over a chunk of characters, with static shapes.
 
 Character i of a stream is drawn with the key fold_in(key, i), so the text depends only on the
 seed, the params and the context, not on the chunk size or on the cache.
@@ -55,8 +62,9 @@ def pick(logits: jax.Array, noise: jax.Array, temperature: float,
 
 
 class SamplerState(NamedTuple):
-    window: jax.Array   # [B, S] int32: the last `length` characters, left-aligned
-    length: jax.Array   # [] int32: characters in the window, 1..S
+    window: jax.Array   # [B, S] int32: the last `length` characters, left-aligned (a streaming
+                        # model: the context, unused after the prefill)
+    length: jax.Array   # [] int32: characters in the window, 1..S (streaming: in the text)
     cache: tuple        # KVCache per attention block (ChunkCache within a chunk); no longer
                         # read or written once the window is full
     logits: jax.Array   # [B, V] for the next character
@@ -73,6 +81,7 @@ class Sampler:
     def __init__(self, hparams: transformer.HParams, vocab_size: int,
                  temperature: float = 1.0, top_k: int | None = None, chunk: int = CHUNK):
         self.hp, self.vocab_size, self.chunk = hparams, vocab_size, chunk
+        self.streaming = transformer.streams(hparams)
         self.model = transformer.build_cached(hparams, vocab_size)
         self.full = transformer.build(hparams, vocab_size)  # once the window is full
         self.temperature, self.top_k = temperature, top_k
@@ -91,7 +100,8 @@ class Sampler:
         """Appends token [B] at position `length` (< S): one position through the model."""
         logits, cache = self.model.apply(params, None, token[:, None], state.cache,
                                          state.length)                          # [B, 1, V]
-        window = jax.lax.dynamic_update_slice(state.window, token[:, None], (0, state.length))
+        window = state.window if self.streaming else jax.lax.dynamic_update_slice(
+            state.window, token[:, None], (0, state.length))
         return SamplerState(window, state.length + 1, cache, logits[:, 0])
 
     def _slide_step(self, params, state: SamplerState, token: jax.Array) -> SamplerState:
@@ -134,8 +144,9 @@ class Sampler:
         return state, tokens.T
 
     def start(self, params, context_ids: np.ndarray, num_samples: int) -> SamplerState:
-        """The state after reading the context's last max_seq_len ids (at least one)."""
-        S = self.hp.max_seq_len
+        """The state after reading the context's last max_seq_len ids (a streaming model: all
+        of them; at least one)."""
+        S = len(context_ids) if self.streaming else self.hp.max_seq_len
         context_ids = np.asarray(context_ids, np.int32)[-S:]
         assert len(context_ids) >= 1, "the context needs at least one character"
         window = np.zeros((num_samples, S), np.int32)
@@ -156,11 +167,13 @@ class Sampler:
         S = self.hp.max_seq_len
         params = kernels.add_transposed_weights(params)
         state = self.start(params, context_ids, num_samples)
-        length, first, pending = min(len(context_ids), S), 0, None
+        length = len(context_ids) if self.streaming else min(len(context_ids), S)
+        first, pending = 0, None
         noise = self.draw_noise(key, np.int32(first), self.chunk_size(length), num_samples)
         while True:
-            state, tokens = self.sample_chunk(params, state, noise, cached=length < S)
-            first, length = first + len(noise), min(length + len(noise), S)
+            state, tokens = self.sample_chunk(params, state, noise,
+                                              cached=self.streaming or length < S)
+            first, length = first + len(noise), length + len(noise)
             noise = self.draw_noise(key, np.int32(first), self.chunk_size(length), num_samples)
             if pending is not None:
                 yield np.asarray(pending)
@@ -168,8 +181,10 @@ class Sampler:
 
     def chunk_size(self, length: int) -> int:
         """`chunk`, or 1 where fewer positions than that are free, so that every cached step
-        has a free position."""
-        free = self.hp.max_seq_len - length
+        has a free position (a streaming model's ring always has)."""
+        if self.streaming:
+            return self.chunk
+        free = max(self.hp.max_seq_len - length, 0)
         return self.chunk if free >= self.chunk or not free else 1
 
     def sample(self, params, context_ids: np.ndarray, key: jax.Array, num_chars: int,

@@ -6,6 +6,10 @@ and values that the new queries attend over (transformer.attend). generate.Sampl
 caches: it makes them (init_cache), passes them through the model, and for a chunk of
 one-position steps swaps each for a ChunkCache (start_chunk ... end_chunk).
 
+Two kinds, by model:
+  KVCache    learned or sinusoidal positions: position p in slot p of max_seq_len slots.
+  RingCache  a streaming model (rotary positions, attention window W): the last W positions,
+             position p in slot p mod W, forever, in constant memory.
 Both keep keys as [B, H, K, S] and values as [B, H, S, K], the layouts a one-position step's
 matmuls read: read in others inside a loop, XLA transposes them at every step; transposed
 once per chunk instead, they cost about 1-2% of one-stream sampling.
@@ -17,9 +21,12 @@ import jax
 import jax.numpy as jnp
 
 import transformer
-from transformer import KeysValues
+from transformer import NO_POSITION, KeysValues
 
-UNWRITTEN = jnp.iinfo(jnp.int32).max  # the key position of an empty slot: no query sees it
+
+def _zeros(batch_size, num_heads, key_size, length, dtype):
+    return (jnp.zeros((batch_size, num_heads, key_size, length), dtype),
+            jnp.zeros((batch_size, num_heads, length, key_size), dtype))
 
 
 class KVCache(NamedTuple):
@@ -32,61 +39,110 @@ class KVCache(NamedTuple):
     def empty(batch_size: int, num_heads: int, key_size: int, length: int,
               dtype=jnp.float32) -> "KVCache":
         """Zeros for `length` positions."""
-        return KVCache(jnp.zeros((batch_size, num_heads, key_size, length), dtype),
-                       jnp.zeros((batch_size, num_heads, length, key_size), dtype))
+        return KVCache(*_zeros(batch_size, num_heads, key_size, length, dtype))
 
-    def write(self, new: KeysValues, start) -> "KVCache":
-        """This cache with `new`'s T positions written in slots start..start+T-1."""
+    def write(self, new: KeysValues, slot) -> "KVCache":
+        """This cache with `new`'s T positions written in slots slot..slot+T-1."""
         return KVCache(
-            jax.lax.dynamic_update_slice(self.k, new.k.astype(self.k.dtype), (0, 0, 0, start)),
-            jax.lax.dynamic_update_slice(self.v, new.v.astype(self.v.dtype), (0, 0, start, 0)))
+            jax.lax.dynamic_update_slice(self.k, new.k.astype(self.k.dtype), (0, 0, 0, slot)),
+            jax.lax.dynamic_update_slice(self.v, new.v.astype(self.v.dtype), (0, 0, slot, 0)))
+
+    def append(self, new: KeysValues) -> "KVCache":
+        """`new` (consecutive positions) written in the slots of its positions."""
+        return self.write(new, new.positions[0])
+
+    def read(self, end) -> KeysValues:
+        """What the cache holds for queries at positions >= end, written up to end."""
+        slots = jnp.arange(self.k.shape[-1])
+        return KeysValues(self.k, self.v, jnp.where(slots < end, slots, NO_POSITION))
 
     def update(self, new: KeysValues) -> tuple["KVCache", tuple[KeysValues, ...]]:
-        """Writes `new` (consecutive positions) -> (cache, the keys and values to attend
-        over: every slot, at its position; causality hides the ones not yet written)."""
-        cache = self.write(new, new.positions[0])
+        """Writes `new` -> (cache, the keys and values to attend over: every slot, at its
+        position; causality hides the ones not yet written)."""
+        cache = self.append(new)
         return cache, (KeysValues(cache.k, cache.v, jnp.arange(self.k.shape[-1])),)
 
 
+class RingCache(NamedTuple):
+    """The last W positions of one attention block of a streaming model: position p in slot
+    p mod W (a ring buffer: dynamic_update_slice clamps at the end instead of wrapping)."""
+    k: jax.Array          # [B, H, K, W]
+    v: jax.Array          # [B, H, W, K]
+    positions: jax.Array  # [W] int32: the position in each slot, NO_POSITION while empty
+
+    @staticmethod
+    def empty(batch_size: int, num_heads: int, key_size: int, window: int,
+              dtype=jnp.float32) -> "RingCache":
+        return RingCache(*_zeros(batch_size, num_heads, key_size, window, dtype),
+                         jnp.full((window,), NO_POSITION, jnp.int32))
+
+    def append(self, new: KeysValues) -> "RingCache":
+        """`new`'s positions in their slots; of more than W, the last W."""
+        T, W = new.positions.shape[0], self.positions.shape[0]
+        k, v = new.k.astype(self.k.dtype), new.v.astype(self.v.dtype)
+        if T == 1:  # one slot: a dynamic_update_slice, which XLA does in place
+            slot = new.positions[0] % W
+            return RingCache(jax.lax.dynamic_update_slice(self.k, k, (0, 0, 0, slot)),
+                             jax.lax.dynamic_update_slice(self.v, v, (0, 0, slot, 0)),
+                             jax.lax.dynamic_update_slice(self.positions, new.positions,
+                                                          (slot,)))
+        last = min(T, W)
+        slots = new.positions[-last:] % W
+        return RingCache(self.k.at[..., slots].set(k[..., -last:]),
+                         self.v.at[:, :, slots].set(v[:, :, -last:]),
+                         self.positions.at[slots].set(new.positions[-last:]))
+
+    def read(self, end=None) -> KeysValues:
+        return KeysValues(self.k, self.v, self.positions)
+
+    def update(self, new: KeysValues) -> tuple["RingCache", tuple[KeysValues, ...]]:
+        """-> (cache with `new` appended, the blocks to attend over: what the ring held, and
+        `new`; the window hides what is too old)."""
+        return self.append(new), (self.read(), new)
+
+
 class ChunkCache(NamedTuple):
-    """For a chunk of one-position steps: a KVCache only read, and the chunk's own keys and
-    values. Written at every step, the full cache was copied whole by XLA:CPU each time (it
-    copies the operand of each dynamic_update_slice in a loop). start_chunk makes them,
-    end_chunk writes `recent` into the full cache, once per chunk."""
-    cache: KVCache    # positions < start
-    recent: KVCache   # C positions start..start+C-1, filled step by step
-    start: jax.Array  # [] int32
+    """For a chunk of one-position steps: a KVCache or RingCache only read, and the chunk's
+    own keys and values. Written at every step, the full cache was copied whole by XLA:CPU
+    each time (it copies the operand of each dynamic_update_slice in a loop). start_chunk
+    makes them, end_chunk appends `recent` to the full cache, once per chunk."""
+    cache: KVCache | RingCache  # positions < start
+    recent: KVCache             # C positions start..start+C-1, filled step by step
+    start: jax.Array            # [] int32
 
     def update(self, new: KeysValues) -> tuple["ChunkCache", tuple[KeysValues, ...]]:
         """Writes `new` into `recent` -> (cache, two blocks to attend over: the full cache's
         positions < start, and the chunk's own)."""
         recent = self.recent.write(new, new.positions[0] - self.start)
-        S, C = self.cache.k.shape[-1], recent.k.shape[-1]
-        slots = jnp.arange(S)
         return self._replace(recent=recent), (
-            KeysValues(self.cache.k, self.cache.v, jnp.where(slots < self.start, slots,
-                                                             UNWRITTEN)),
-            KeysValues(recent.k, recent.v, self.start + jnp.arange(C)))
+            self.cache.read(self.start),
+            KeysValues(recent.k, recent.v, self.start + jnp.arange(recent.k.shape[-1])))
 
 
-def init_cache(hp: transformer.HParams, batch_size: int,
-               dtype=jnp.float32) -> tuple[KVCache, ...]:
-    """Empty caches for every attention block, in the order the model uses them."""
+def init_cache(hp: transformer.HParams, batch_size: int, dtype=jnp.float32) -> tuple:
+    """Empty caches for every attention block, in the order the model uses them: RingCaches
+    of attention_window positions for a streaming model, else KVCaches of max_seq_len."""
     num_encoder = hp.encoder_N if hp.use_encoder else 0
     num_blocks = num_encoder + hp.decoder_N + num_encoder  # encoder self, decoder self, cross
-    return tuple(KVCache.empty(batch_size, hp.h, hp.d_model // hp.h, hp.max_seq_len, dtype)
-                 for _ in range(num_blocks))
+    if transformer.streams(hp):
+        empty = lambda: RingCache.empty(batch_size, hp.h, hp.d_model // hp.h,
+                                        hp.attention_window, dtype)
+    else:
+        empty = lambda: KVCache.empty(batch_size, hp.h, hp.d_model // hp.h, hp.max_seq_len,
+                                      dtype)
+    return tuple(empty() for _ in range(num_blocks))
 
 
-def start_chunk(cache: tuple[KVCache, ...], start, length: int) -> tuple[ChunkCache, ...]:
+def start_chunk(cache: tuple, start, length: int) -> tuple[ChunkCache, ...]:
     """ChunkCaches over `cache` for `length` one-position steps from position `start`."""
-    def chunk(c: KVCache) -> ChunkCache:
+    def chunk(c) -> ChunkCache:
         B, H, K, _ = c.k.shape
         return ChunkCache(c, KVCache.empty(B, H, K, length, c.k.dtype), start)
     return tuple(map(chunk, cache))
 
 
-def end_chunk(cache: tuple[KVCache, ...],
-              chunks: tuple[ChunkCache, ...]) -> tuple[KVCache, ...]:
-    """`cache` (as given to start_chunk) with the chunk's keys and values written in."""
-    return tuple(full.write(c.recent, c.start) for full, c in zip(cache, chunks))
+def end_chunk(cache: tuple, chunks: tuple[ChunkCache, ...]) -> tuple:
+    """`cache` (as given to start_chunk) with the chunk's keys and values appended."""
+    return tuple(full.append(KeysValues(c.recent.k, c.recent.v,
+                                        c.start + jnp.arange(c.recent.k.shape[-1])))
+                 for full, c in zip(cache, chunks))

@@ -30,7 +30,8 @@ from kernels import Linear
 
 
 class HParams(NamedTuple):
-    max_seq_len: int = 128      # context window in characters: positions 0..max_seq_len-1
+    max_seq_len: int = 128      # training sequence length; without attention_window also the
+                                # context: positions 0..max_seq_len-1
     d_model: int = 384          # width of the residual stream (D)
     h: int = 6                  # attention heads (H); d_model must be divisible by h
     d_ff: int = 1536            # hidden width of the feed-forward block (F), 4 * d_model
@@ -39,7 +40,11 @@ class HParams(NamedTuple):
     use_encoder: bool = False   # decoder layer i < encoder_N cross-attends to encoder layer i
     dropout: float = 0.2        # one rate for embeddings, attention weights and branch outputs
                                 # (rounded to a multiple of 1/256: see kernels.dropout)
-    positions: str = "learned"  # "learned" embeddings or fixed "sinusoidal" encodings
+    positions: str = "learned"  # "learned" embeddings, fixed "sinusoidal" encodings, or
+                                # "rotary": queries and keys rotated by position (RoPE)
+    attention_window: int | None = None  # W: a query sees itself and the W - 1 positions
+                                # before it; None: every earlier one. Rotary and a window
+                                # make a streaming model: any length, one cached step a char
 
 
 HPARAMS = HParams()
@@ -59,9 +64,24 @@ def validate(hp: HParams) -> HParams:
         raise ValueError(
             f"HParams.encoder_N={hp.encoder_N}: each encoder layer feeds the decoder layer of "
             f"the same index, so it must be <= decoder_N={hp.decoder_N}.")
-    if hp.positions not in ("learned", "sinusoidal"):
-        raise ValueError(f"HParams.positions={hp.positions!r}: 'learned' or 'sinusoidal'.")
+    if hp.positions not in ("learned", "sinusoidal", "rotary"):
+        raise ValueError(f"HParams.positions={hp.positions!r}: 'learned', 'sinusoidal' or "
+                         "'rotary'.")
+    if hp.positions == "rotary" and (hp.d_model // hp.h) % 2:
+        raise ValueError(f"HParams.positions='rotary' rotates pairs of features: the key size "
+                         f"d_model / h = {hp.d_model // hp.h} must be even.")
+    window = hp.attention_window
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool)
+                               or window < 1):
+        raise ValueError(f"HParams.attention_window={window!r}: an integer >= 1, or None.")
     return hp
+
+
+def streams(hp: HParams) -> bool:
+    """Whether the model streams: rotary positions and a window make its output at a position
+    depend only on the last W characters of each layer's input, at relative positions, so
+    it takes any sequence length and its sampler keeps W positions per attention block."""
+    return hp.positions == "rotary" and hp.attention_window is not None
 
 
 def param_count(hp: HParams, vocab_size: int) -> int:
@@ -90,15 +110,29 @@ class KeysValues(NamedTuple):
         return KeysValues(k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), positions)
 
 
-def attend(q: jax.Array, positions: jax.Array, blocks: Sequence[KeysValues], dropout: float,
-           is_training: bool) -> jax.Array:
+NO_POSITION = np.iinfo(np.int32).max  # the position of an empty cache slot: no query sees it
+
+
+def visible(query_positions: jax.Array, key_positions: jax.Array,
+            window: int | None) -> jax.Array:
+    """[T, S]: whether each query sees each key: the key is at the query's position or
+    before it, and (with a window W) fewer than W positions before it."""
+    offset = query_positions[:, None] - key_positions[None, :]             # [T, S]
+    return (offset >= 0) if window is None else (offset >= 0) & (offset < window)
+
+
+def attend(q: jax.Array, positions: jax.Array, blocks: Sequence[KeysValues],
+           window: int | None, dropout: float, is_training: bool) -> jax.Array:
     """The attention core: queries q [B, T, H, K] at `positions` [T] attend over the keys and
     values of every block (one, or a cache's several) -> [B, T, H, K].
 
-    softmax(q k / sqrt(K)) v, each query over the keys at its own position and before, with
-    dropout on the attention weights while training.
+    softmax(q k / sqrt(K)) v, each query over the keys it sees (`visible`), with dropout on
+    the attention weights while training.
     """
-    masks = [b.positions[None, :] <= positions[:, None] for b in blocks]  # [T, S] each
+    T = q.shape[1]
+    if window is not None and len(blocks) == 1 and T > 2 * window:  # a long banded pass
+        return _attend_in_bands(q, positions, blocks[0], window, dropout, is_training)
+    masks = [visible(positions, b.positions, window) for b in blocks]       # [T, S] each
     drop_weights = is_training and dropout > 0
     if len(blocks) == 1 and not drop_weights:  # the fast variant: no weights to drop
         return kernels.fused_attention(q, blocks[0].k, blocks[0].v, masks[0])
@@ -116,6 +150,59 @@ def attend(q: jax.Array, positions: jax.Array, blocks: Sequence[KeysValues], dro
     return sum(rest, first)
 
 
+def _attend_in_bands(q, positions, block: KeysValues, window: int, dropout: float,
+                     is_training: bool) -> jax.Array:
+    """attend over a sequence many windows long, in pieces: the queries of each W-block over
+    the keys of their own block and the one before (all they can see), so that the cost
+    grows as T * 2W instead of T^2. q [B, T, H, K] and the block at the same T positions."""
+    B, T, H, K = q.shape
+    W = window
+    n = -(-T // W)                                                          # W-blocks
+    pad = lambda x, axis, value=0: jnp.pad(  # to n * W positions
+        x, [(0, n * W - T if a == axis else 0) for a in range(x.ndim)], constant_values=value)
+    previous = lambda x, axis, value=0: jnp.concatenate(  # each block's previous block
+        [jnp.full_like(jax.lax.index_in_dim(x, 0, axis), value),
+         jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)], axis=axis)
+    qs = pad(q, 1).reshape(B, n, W, H, K)                                   # [B, n, W, H, K]
+    ks = pad(block.k, 3).reshape(B, H, K, n, W)
+    vs = pad(block.v, 2).reshape(B, H, n, W, K)
+    query_positions = pad(positions, 0).reshape(n, W)                      # [n, W]
+    key_positions = pad(block.positions, 0, NO_POSITION).reshape(n, W)
+    ks = jnp.concatenate([previous(ks, 3), ks], axis=-1)                   # [B, H, K, n, 2W]
+    vs = jnp.concatenate([previous(vs, 2), vs], axis=3)                    # [B, H, n, 2W, K]
+    key_positions = jnp.concatenate([previous(key_positions, 0, NO_POSITION), key_positions],
+                                    axis=1)                                 # [n, 2W]
+    one_band = lambda q, k, v, qp, kp: attend(q, qp, (KeysValues(k, v, kp),), window,
+                                              dropout, is_training)
+    out = hk.vmap(one_band, in_axes=(1, 3, 2, 0, 0), out_axes=1,
+                  split_rng=is_training and dropout > 0)(
+        qs, ks, vs, query_positions, key_positions)                         # [B, n, W, H, K]
+    return out.reshape(B, n * W, H, K)[:, :T]
+
+
+def rotary_angles(positions: jax.Array, key_size: int) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [T, K/2] of the rotary angles position * theta_i, theta_i = 10000^(-2i/K).
+
+    Exact at any position: each theta_i is rounded to a multiple of 2 pi / 2^32, so the angle
+    is an integer phase (position * m_i) mod 2^32, which uint32 arithmetic computes exactly
+    (it wraps), times 2 pi / 2^32. float32 angles position * theta_i would be off by about
+    0.06 radians at a million characters.
+    """
+    theta = 10000.0 ** (-np.arange(0, key_size, 2) / key_size)             # [K/2]
+    steps = np.round(theta / (2 * np.pi) * 2.0**32).astype(np.uint32)       # phase per position
+    phase = positions.astype(jnp.uint32)[:, None] * steps[None, :]          # [T, K/2], mod 2^32
+    angle = jax.lax.bitcast_convert_type(phase, jnp.int32).astype(jnp.float32) * (
+        2 * np.pi / 2.0**32)                                                 # in [-pi, pi)
+    return jnp.cos(angle), jnp.sin(angle)
+
+
+def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, H, K] with feature pairs (i, i + K/2) rotated by the angles of cos, sin."""
+    x1, x2 = jnp.split(x, 2, axis=-1)                                       # [B, T, H, K/2]
+    cos, sin = cos[None, :, None], sin[None, :, None]                       # [1, T, 1, K/2]
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
 class Attention(hk.Module):
     """Multi-head attention of queries from `x` over keys and values from `memory`.
 
@@ -127,7 +214,8 @@ class Attention(hk.Module):
     def __init__(self, hp: HParams, name: str):
         super().__init__(name=name)
         self.num_heads, self.key_size = hp.h, hp.d_model // hp.h
-        self.dropout = hp.dropout
+        self.dropout, self.window, self.rotary = hp.dropout, hp.attention_window, (
+            hp.positions == "rotary")
 
     def __call__(self, x, positions, is_training, cache=None, memory=None, last_query=False):
         """x [B, T, D] at `positions` [T] attends over itself, or over memory (the encoder's
@@ -144,6 +232,9 @@ class Attention(hk.Module):
             q = Linear(H * K, name="query")(x).reshape(B, T, H, K)      # [B, T, H, K]
             kv = Linear(2 * H * K, name="key_value")(memory)             # [B, T, 2HK]
             k, v = jnp.split(kv.reshape(B, T, 2 * H, K), 2, axis=2)        # [B, T, H, K]
+        if self.rotary:  # keys are cached rotated
+            cos, sin = rotary_angles(positions, K)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         new = KeysValues.of(k, v, positions)                  # [B, H, K, T], [B, H, T, K]
         if cache is None:
             blocks = (new,)
@@ -151,7 +242,8 @@ class Attention(hk.Module):
             cache, blocks = cache.update(new)
         if last_query:  # keys and values need every position, the query only the last
             q, positions = q[:, -1:], positions[-1:]                     # [B, 1, H, K]
-        out = attend(q, positions, blocks, self.dropout, is_training)    # [B, T, H, K]
+        out = attend(q, positions, blocks, self.window, self.dropout,
+                     is_training)                                        # [B, T, H, K]
         out = Linear(D, name="out")(out.reshape(B, q.shape[1], H * K))  # [B, T, D]
         return kernels.dropout(out, self.dropout, is_training), cache
 
@@ -213,7 +305,8 @@ class Transformer(hk.Module):
         without the rest of the last layer's outputs (no cache)."""
         hp = self.hp
         B, T = tokens.shape
-        if T > hp.max_seq_len or (isinstance(start, int) and start + T > hp.max_seq_len):
+        if not streams(hp) and (T > hp.max_seq_len or (isinstance(start, int)
+                                                       and start + T > hp.max_seq_len)):
             raise ValueError(f"positions {start}..{start + T - 1} exceed HParams.max_seq_len="
                              f"{hp.max_seq_len} (sequence length T={T}).")
         if last_only and cache is not None:
@@ -223,11 +316,11 @@ class Transformer(hk.Module):
         x = hk.Embed(self.vocab_size, hp.d_model, w_init=embed_init,
                      name="token_embed")(tokens)                            # [B, T, D]
         if hp.positions == "learned":
-            table = hk.get_parameter("position_embed", [hp.max_seq_len, hp.d_model],
-                                     init=embed_init)
-        else:
-            table = jnp.asarray(sinusoidal_encodings(hp.max_seq_len, hp.d_model))
-        x = kernels.dropout(x + table[positions], hp.dropout, is_training)  # [B, T, D]
+            x += hk.get_parameter("position_embed", [hp.max_seq_len, hp.d_model],
+                                  init=embed_init)[positions]
+        elif hp.positions == "sinusoidal":
+            x += jnp.asarray(sinusoidal_encodings(hp.max_seq_len, hp.d_model))[positions]
+        x = kernels.dropout(x, hp.dropout, is_training)                     # [B, T, D]
 
         caches = iter(cache) if cache is not None else None
         take = lambda: next(caches) if caches is not None else None

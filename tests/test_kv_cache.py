@@ -64,3 +64,25 @@ def test_chunk_cache_steps_match_full_forward(use_encoder):
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full[:, :done],
                                atol=1e-5, rtol=1e-5)
     assert done == hp.max_seq_len - (hp.max_seq_len - prefill) % chunk
+
+
+@pytest.mark.parametrize("start", [0, 1_000_003])
+def test_streaming_steps_through_ring_caches_match_full_forward_at_any_position(start):
+    """A streaming model's prefill and one-token steps through RingCaches of W = 6 slots,
+    over 40 positions (the rings wrap six times), give the full forward pass's logits; the
+    same from position 1,000,003 on, where float32 angles position * frequency would be off
+    by about 0.06 radians: rotary scores depend on relative positions only, exactly."""
+    hp = tiny(positions="rotary", attention_window=6)
+    params = random_params(hp)
+    tokens = random_tokens(4, seq_len=40)
+    full = jitted_apply(hp, False)(params, None, tokens)                   # [B, 40, V]
+    cached = jax.jit(transformer.build_cached(hp, VOCAB).apply)
+    params = kernels.add_transposed_weights(params)
+    cache = kv_cache.init_cache(hp, BATCH_SIZE)
+    assert all(c.k.shape[-1] == 6 for c in cache)  # W positions, whatever the length
+    logits, cache = cached(params, None, tokens[:, :5], cache, start)
+    steps = [logits]
+    for t in range(5, 40):
+        logits, cache = cached(params, None, tokens[:, t:t + 1], cache, jnp.int32(start + t))
+        steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5, rtol=1e-5)

@@ -151,7 +151,8 @@ def test_param_count_of_default_hparams():
     tiny(True, encoder_N=2),
     tiny(False, positions="sinusoidal"),
     tiny(True, positions="sinusoidal"),
-], ids=["decoder", "encoder1", "encoder2", "sinusoidal", "encoder_sinusoidal"])
+    tiny(True, positions="rotary", attention_window=4),
+], ids=["decoder", "encoder1", "encoder2", "sinusoidal", "encoder_sinusoidal", "rotary"])
 def test_param_count_matches_initialized_model(hp):
     """param_count and the independent formula both equal the initialized model's count."""
     actual = count(param_shapes(hp))
@@ -184,20 +185,22 @@ def test_sinusoidal_encodings_formula():
 
 
 @pytest.mark.parametrize("is_training", [False, True])
-@pytest.mark.parametrize("use_encoder", [False, True])
-def test_future_tokens_do_not_change_past_logits(use_encoder, is_training):
+@pytest.mark.parametrize("use_encoder, streaming", [(False, False), (True, False), (True, True)])
+def test_future_tokens_do_not_change_past_logits(use_encoder, streaming, is_training):
     """Changing tokens after t leaves logits at <= t unchanged and changes later ones.
 
     In training mode (same rng, so the same dropout masks) the explicit-softmax attention path
-    runs instead of the fused one; both must be causal.
+    runs instead of the fused one; both must be causal. A streaming model runs 40 positions,
+    the banded pass over W-blocks.
     """
-    hp = tiny(use_encoder)
+    hp = tiny(use_encoder, **(dict(positions="rotary", attention_window=6) if streaming
+                              else {}))
     params = random_params(hp)
     apply = jitted_apply(hp, is_training)
     rng = jax.random.PRNGKey(3) if is_training else None
-    tokens = random_tokens(4)
+    tokens = random_tokens(4, seq_len=40 if streaming else hp.max_seq_len)
     logits = apply(params, rng, tokens)
-    for t in (0, 6, hp.max_seq_len - 2):
+    for t in (0, 6, tokens.shape[1] - 2):
         changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 1) % VOCAB)
         changed_logits = apply(params, rng, changed)
         np.testing.assert_allclose(changed_logits[:, :t + 1], logits[:, :t + 1], atol=1e-6)
@@ -230,7 +233,7 @@ def test_loss_at_t_has_no_gradient_from_later_positions(use_encoder):
 # Positions
 
 
-@pytest.mark.parametrize("positions", ["learned", "sinusoidal"])
+@pytest.mark.parametrize("positions", ["learned", "sinusoidal", "rotary"])
 def test_order_of_characters_matters(positions):
     """Permuting the first characters (last one fixed) changes the last position's logits.
 
@@ -472,7 +475,10 @@ INVALID = [
     ("dropout", TINY._replace(dropout=1.0)),
     ("dropout", TINY._replace(dropout=1.5)),
     ("encoder_N", TINY._replace(use_encoder=True, encoder_N=3, decoder_N=2)),
-    ("positions", TINY._replace(positions="rotary")),
+    ("positions", TINY._replace(positions="relative")),
+    ("positions", TINY._replace(positions="rotary", d_model=36, h=4)),  # odd key size 9
+    ("attention_window", TINY._replace(attention_window=0)),
+    ("attention_window", TINY._replace(attention_window=2.5)),
 ]
 
 
@@ -487,5 +493,45 @@ def test_invalid_hparams_raise_value_error_naming_the_field(field, hp):
 def test_valid_edge_hparams_build():
     """The edges of the valid ranges are accepted: dropout 0, encoder_N == decoder_N, h == D."""
     for hp in (TINY._replace(dropout=0.0), TINY._replace(use_encoder=True, encoder_N=2),
-               TINY._replace(h=TINY.d_model), TINY._replace(positions="sinusoidal")):
+               TINY._replace(h=TINY.d_model), TINY._replace(positions="sinusoidal"),
+               TINY._replace(positions="rotary", attention_window=1)):
         assert isinstance(transformer.build(hp, 10), hk.Transformed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming models: rotary positions, attention window
+
+
+def test_a_window_of_w_shows_each_query_itself_and_the_w_minus_1_before():
+    """One layer, window 4: the logits at position 10 change with the token at 7 (three
+    before) and not with the token at 6 (four before)."""
+    hp = tiny(positions="rotary", attention_window=4, decoder_N=1, max_seq_len=16)
+    params = random_params(hp)
+    apply = jitted_apply(hp, False)
+    tokens = random_tokens(30)
+    logits = apply(params, None, tokens)[:, 10]
+    changed = lambda t: apply(params, None, tokens.at[:, t].set((tokens[:, t] + 1) % VOCAB))
+    np.testing.assert_array_equal(changed(6)[:, 10], logits)
+    assert not np.allclose(changed(7)[:, 10], logits, atol=1e-4)
+
+
+def test_streaming_model_takes_any_length_and_its_banded_pass_equals_the_plain_one():
+    """A streaming model applies to sequences several max_seq_len long (the banded pass over
+    W-blocks beyond 2W positions): each prefix's logits are those of the longer sequence,
+    and the logits of a repeated text only depend on the last W characters per layer, not
+    on where the text is (rotary positions are relative)."""
+    hp = tiny(positions="rotary", attention_window=6)
+    params = random_params(hp)
+    apply = jitted_apply(hp, False)
+    tokens = random_tokens(31, seq_len=5 * hp.max_seq_len)                 # [B, 80]
+    logits = apply(params, None, tokens)
+    assert logits.shape == (BATCH_SIZE, 80, VOCAB)
+    for length in (12, 13, 45):  # the plain masked pass, then banded ones
+        np.testing.assert_allclose(apply(params, None, tokens[:, :length]),
+                                   logits[:, :length], atol=1e-5, rtol=1e-5)
+    reach = hp.decoder_N * (hp.attention_window - 1)  # what position 79 can depend on
+    np.testing.assert_allclose(apply(params, None, tokens[:, 79 - reach:])[:, -1],
+                               logits[:, -1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        jitted_apply(tiny(positions="rotary"), False)(random_params(tiny(positions="rotary")),
+                                                      None, tokens)
