@@ -40,6 +40,7 @@ class Config(NamedTuple):
     compute_dtypes: str = "float32,bfloat16"  # train.Config.compute_dtype values to time
     num_samples: int = 8          # streams for the batch sampling figure
     params: str = ""              # sample from this params file (default: random init)
+    generate_chars: int = 100_000  # a streaming params file: generate.py's run, end to end
     json: str = ""                # also write the results here as flat JSON
     section: str = ""             # internal: run one section and print its JSON
 
@@ -142,12 +143,14 @@ def bench_sample(config, hp) -> dict:
     sampling_params = kernels.add_transposed_weights(params)
     sampler = generate.Sampler(hp, vocab_size)
     key, S = jax.random.PRNGKey(0), hp.max_seq_len
-    size = min(generate.CHUNK, S - 1)  # cached steps from a 1-character context
+    # Cached steps from a 1-character context; a streaming model's are cached past the
+    # window too (from a context of max_seq_len >= W characters).
+    size = generate.CHUNK if sampler.streaming else min(generate.CHUNK, S - 1)
     out = {}
     for name, context_len, cached, streams in (
             ("sample_cached_chars_per_s", 1, True, 1),
             ("sample_batch_cached_chars_per_s", 1, True, config.num_samples),
-            ("sample_full_window_chars_per_s", S, False, 1)):
+            ("sample_full_window_chars_per_s", S, sampler.streaming, 1)):
         state = sampler.start(sampling_params, np.zeros(context_len, np.int32), streams)
         run = lambda: sampler.sample_chunk(  # each chunk after its noise (stream overlaps them)
             sampling_params, state, sampler.draw_noise(key, np.int32(0), size, streams),
@@ -167,7 +170,31 @@ def bench_sample(config, hp) -> dict:
     return out
 
 
-SECTIONS = {"ceilings": bench_ceilings, "train": bench_train, "sample": bench_sample}
+def bench_generate(config, hp) -> dict:
+    """A streaming model's `generate.py --num_chars=N` end to end (start-up, compiling and
+    printing included), for N = generate_chars / 5 and generate_chars: chars/s and peak
+    resident memory, whose two values show whether it stays flat. Needs --params."""
+    if not (config.params and transformer.streams(hp)):
+        return {}
+    out = {}
+    for run, num_chars in (("short", config.generate_chars // 5), ("long", config.generate_chars)):
+        start = time.perf_counter()
+        result = subprocess.run(
+            [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                          "generate.py"),
+             f"--params={config.params}", f"--num_chars={num_chars}", "--prng_seed=0"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        seconds = time.perf_counter() - start
+        if result.returncode:
+            raise SystemExit(f"generate.py failed:\n{result.stderr}")
+        out[f"generate_{run}_peak_rss_mb"] = (  # the largest child so far: this one
+            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+        out["generate_chars_per_s"] = num_chars / seconds
+    return out
+
+
+SECTIONS = {"ceilings": bench_ceilings, "train": bench_train, "sample": bench_sample,
+            "generate": bench_generate}
 
 
 def run_section(name: str, argv) -> dict:
@@ -184,7 +211,13 @@ PEAK_NAMES = {"float32": "f32", "bfloat16": "bf16"}
 
 
 def main(argv) -> int:
-    config, hp = parse_overrides(argv, CONFIG, transformer.HPARAMS)
+    config, _ = parse_overrides(argv, CONFIG, transformer.HPARAMS)
+    if config.params:  # the model's HPARAMS come from the file; options still win
+        import checkpoint
+
+        config, hp = parse_overrides(argv, CONFIG, checkpoint.load(config.params).hparams)
+    else:
+        config, hp = parse_overrides(argv, CONFIG, transformer.HPARAMS)
     try:
         transformer.validate(hp)
     except ValueError as e:
@@ -231,6 +264,7 @@ def main(argv) -> int:
 
 
 def print_table(r: dict, hp, config) -> None:
+    past_share = r["sample_full_window_chars_per_s"] / r["sample_cached_chars_per_s"]
     rows = [
         ("device", f"{r['device']} ({r['cpu_count']} cores), {r['date']}"),
         ("model", f"d_model {hp.d_model}, {hp.decoder_N} layers, {hp.h} heads, d_ff {hp.d_ff},"
@@ -251,13 +285,20 @@ def print_table(r: dict, hp, config) -> None:
                                      "bandwidth bound)"),
         (f"sample, cached, {config.num_samples} streams",
          f"{r['sample_batch_cached_chars_per_s']:.0f} chars/s in all"),
-        ("sample, window full (re-prefill)",
-         f"{r['sample_full_window_chars_per_s']:.0f} chars/s"),
+        ("sample, past the window (cached)" if transformer.streams(hp) else
+         "sample, window full (re-prefill)",
+         f"{r['sample_full_window_chars_per_s']:.0f} chars/s ({100 * past_share:.0f}% of cached)"),
         ("sample, full forward per char", f"{r['sample_full_forward_chars_per_s']:.0f} chars/s"),
         ("peak RSS ceilings / train / sample",
          f"{r['ceilings_peak_rss_mb']:.0f} / {r['train_peak_rss_mb']:.0f} / "
          f"{r['sample_peak_rss_mb']:.0f} MB"),
     ]
+    if "generate_chars_per_s" in r:
+        rows.append((f"generate.py, {config.generate_chars:,} chars",
+                     f"{r['generate_chars_per_s']:.0f} chars/s end to end; peak RSS "
+                     f"{r['generate_short_peak_rss_mb']:.0f} MB at "
+                     f"{config.generate_chars // 5:,} chars, "
+                     f"{r['generate_long_peak_rss_mb']:.0f} MB at {config.generate_chars:,}"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

@@ -4,6 +4,8 @@
 file: the mean cross-entropy over the whole validation split in fixed, non-overlapping
 EVAL_SEQ_LEN-character windows (every character after the first predicted exactly once), the
 same on as many windows spread over the training split, bits per character, size and step.
+For a streaming model also val_loss_stream: every validation character predicted with all
+the validation text before it, as its sampler would (one pass through the window).
 """
 
 import math
@@ -31,6 +33,7 @@ class Config(NamedTuple):
     params: str = DEFAULT_PARAMS             # params file to evaluate or sample from
     prng_seed: int | None = None             # sampling seed; None: the current UNIX time
     context_file: str = "eval_context.txt"   # text the samples continue (UTF-8)
+    context: str | None = None               # that text inline, instead of context_file
     num_chars: int | None = None             # characters to sample; None: until Ctrl-C
     temperature: float = 1.0                 # divides the logits: < 1 sharper, > 1 flatter
     top_k: int | None = None                 # sample among the k likeliest characters only
@@ -97,6 +100,19 @@ def mean_loss(window_loss, params, batches: data.Windows) -> float:
     return float(total) / float(count)
 
 
+def make_stream_loss(model: hk.Transformed):
+    """jitted (params, ids [N]) -> mean nats per character of ids[1:], predicted in one
+    forward pass over all of them: each character with all the text before it, which is the
+    context a streaming model's sampler gives it (for other models, see make_window_loss)."""
+
+    @jax.jit
+    def stream_loss(params, ids):
+        logits = model.apply(params, None, ids[None, :-1], False)               # [1, N-1, V]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ids[None, 1:]).mean()
+
+    return stream_loss
+
+
 def split_windows(ids: np.ndarray, seq_len: int) -> tuple[data.Windows, data.Windows]:
     """(train, val) evaluation windows: the whole validation split, and as many windows
     spread evenly over the training split."""
@@ -116,8 +132,14 @@ def evaluate(ckpt: checkpoint.Checkpoint, config: Config) -> dict:
     params = jax.device_put(ckpt.params)
     val_loss = mean_loss(window_loss, params, batch_windows(val, config.eval_batch_size))
     train_loss = mean_loss(window_loss, params, batch_windows(train, config.eval_batch_size))
+    stream = {}
+    if transformer.streams(ckpt.hparams):  # one pass over the whole split through the window
+        _, val_ids = data.split(ids)
+        stream_loss = make_stream_loss(transformer.build(ckpt.hparams, len(ckpt.vocab)))
+        stream["val_loss_stream"] = round(float(stream_loss(params, jnp.asarray(val_ids))), 4)
     return {
         "val_loss": round(val_loss, 4),
+        **stream,
         "val_bpc": round(val_loss / math.log(2), 4),
         "train_loss": round(train_loss, 4),
         "train_bpc": round(train_loss / math.log(2), 4),

@@ -201,19 +201,24 @@ class Sampler:
         return np.concatenate(chunks, axis=1)[:, :num_chars]
 
 
-def read_context(path: str, vocab: str) -> tuple[str, np.ndarray]:
-    """The context text and its ids; an empty context starts from a newline."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read context file {path!r}: {e}.") from None
+def read_context(config, vocab: str) -> tuple[str, np.ndarray]:
+    """The context text (config.context, else the file config.context_file) and its ids; an
+    empty context starts from a newline."""
+    where = "--context"
+    if config.context is not None:
+        text = config.context
+    else:
+        where = f"context file {config.context_file!r}"
+        try:
+            with open(config.context_file, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read {where}: {e}.") from None
     text = text or "\n"
     try:
         return text, data.encode(text, vocab)
     except UserError as e:
-        raise UserError(f"context file {path!r}: {e} Remove them or use another "
-                        "--context_file.") from None
+        raise UserError(f"{where}: {e} Remove them or use another context.") from None
 
 
 def check_sampling_config(config) -> None:
@@ -235,7 +240,7 @@ def main(argv) -> int:
     check_sampling_config(config)
     seed = int(time.time()) if config.prng_seed is None else config.prng_seed
     ckpt = load_params(config.params)
-    context, context_ids = read_context(config.context_file, ckpt.vocab)
+    context, context_ids = read_context(config, ckpt.vocab)
     print(f"# devices {jax.devices()} | run {ckpt.meta.get('run_hash')} | seed {seed} | "
           f"{checkpoint.num_params(ckpt.params):,} params", file=sys.stderr)
     sampler = Sampler(ckpt.hparams, len(ckpt.vocab), config.temperature, config.top_k)

@@ -11,6 +11,8 @@ here, with the measurement behind it (README, "Benchmark", for the whole-model f
                     faster. single_rows_read_w_t switches that on for the cached model.
   fused_attention   jax.nn.dot_product_attention, XLA's fused softmax(q k) v, where no
                     attention weight is dropped.
+  in_bands          windowed attention over a long sequence in W-blocks, each over its
+                    own keys and the previous block's: T * 2W scores instead of T^2.
   dropout           8 random bits per element instead of hk.dropout's 32.
 """
 
@@ -202,6 +204,37 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -
     k, v = k.transpose(0, 3, 1, 2), v.transpose(0, 2, 1, 3)             # [B, S, H, K]
     return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
                                         mask=mask[None, None])
+
+
+def in_bands(attend, q, positions, k, v, key_positions, window: int, no_position: int,
+             split_rng: bool) -> jax.Array:
+    """Windowed attention over a sequence many windows long, in pieces: attend(q, positions,
+    k, v, key_positions) for the queries of each W-block over the keys of their own block and
+    the one before (all they can see), so that the cost grows as T * 2W instead of T^2.
+
+    q [B, T, H, K] at positions [T]; keys k [B, H, K, T], values v [B, H, T, K] at the same
+    positions. Padded keys get `no_position`, which no query sees. -> [B, T, H, K]
+    """
+    B, T, H, K = q.shape
+    W = window
+    n = -(-T // W)                                                          # W-blocks
+    pad = lambda x, axis, value=0: jnp.pad(  # to n * W positions
+        x, [(0, n * W - T if a == axis else 0) for a in range(x.ndim)], constant_values=value)
+    previous = lambda x, axis, value=0: jnp.concatenate(  # each block's previous block
+        [jnp.full_like(jax.lax.index_in_dim(x, 0, axis), value),
+         jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)], axis=axis)
+    qs = pad(q, 1).reshape(B, n, W, H, K)                                   # [B, n, W, H, K]
+    query_positions = pad(positions, 0).reshape(n, W)                      # [n, W]
+    ks = pad(k, 3).reshape(B, H, K, n, W)
+    vs = pad(v, 2).reshape(B, H, n, W, K)
+    key_positions = pad(key_positions, 0, no_position).reshape(n, W)
+    ks = jnp.concatenate([previous(ks, 3), ks], axis=-1)                   # [B, H, K, n, 2W]
+    vs = jnp.concatenate([previous(vs, 2), vs], axis=3)                    # [B, H, n, 2W, K]
+    key_positions = jnp.concatenate([previous(key_positions, 0, no_position), key_positions],
+                                    axis=1)                                 # [n, 2W]
+    out = hk.vmap(attend, in_axes=(1, 0, 3, 2, 0), out_axes=1, split_rng=split_rng)(
+        qs, query_positions, ks, vs, key_positions)                         # [B, n, W, H, K]
+    return out.reshape(B, n * W, H, K)[:, :T]
 
 
 def dropout(x: jax.Array, rate: float, is_training: bool) -> jax.Array:

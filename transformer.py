@@ -1,19 +1,16 @@
 """A pre-norm character Transformer in Haiku, with an optional causal encoder.
 
-Shapes, as in the comments below:
-  B  batch                  T  query positions (time)       S  key positions
-  D  d_model                H  heads                         K  key size (D / H)
-  F  d_ff                   V  vocabulary size               N  layers
+Shapes:  B batch  T query positions  S key positions  D d_model  H heads  K key size (D / H)
+         F d_ff   V vocabulary size  N layers         W attention window
 
-Read top to bottom: HParams, attention (its core `attend`, then the module), the feed-forward
-block, the layer, the Transformer, and the two ways to call it (same parameters, same names):
+Read top to bottom: HParams, attention (its core `attend`, rotary positions, the module),
+the feed-forward block, the layer, the Transformer, and the two ways to call it (the same
+parameters):
   build(hp, V).apply(params, rng, tokens, is_training)          -> logits         (train, eval)
   build_cached(hp, V).apply(params, None, tokens, cache, start) -> logits, cache  (sampling)
 The cached form hands each attention block's new keys and values to its cache (kv_cache.py),
-which returns what the queries attend over, so that a prefill followed by one-token steps
-gives the logits of one full forward pass. generate.py's Sampler drives it. How the arithmetic
-runs fast (bfloat16 matmuls, transposed weights for single rows, fused attention, cheap
-dropout masks) lives in kernels.py: none of it changes what is computed here.
+which returns what the queries attend over; generate.py's Sampler drives it. How the
+arithmetic runs fast lives in kernels.py: none of it changes what is computed here.
 """
 
 import math
@@ -78,9 +75,8 @@ def validate(hp: HParams) -> HParams:
 
 
 def streams(hp: HParams) -> bool:
-    """Whether the model streams: rotary positions and a window make its output at a position
-    depend only on the last W characters of each layer's input, at relative positions, so
-    it takes any sequence length and its sampler keeps W positions per attention block."""
+    """Rotary positions and a window: each layer sees the last W positions, relatively, so
+    the model takes any length and its sampler keeps W positions per attention block."""
     return hp.positions == "rotary" and hp.attention_window is not None
 
 
@@ -105,8 +101,7 @@ class KeysValues(NamedTuple):
     positions: jax.Array  # [S] int32: each key's position; a query at p sees those <= p
 
     @staticmethod
-    def of(k: jax.Array, v: jax.Array, positions: jax.Array) -> "KeysValues":
-        """From keys and values [B, S, H, K] at positions [S]."""
+    def of(k: jax.Array, v: jax.Array, positions: jax.Array) -> "KeysValues":  # [B, S, H, K]
         return KeysValues(k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), positions)
 
 
@@ -129,9 +124,11 @@ def attend(q: jax.Array, positions: jax.Array, blocks: Sequence[KeysValues],
     softmax(q k / sqrt(K)) v, each query over the keys it sees (`visible`), with dropout on
     the attention weights while training.
     """
-    T = q.shape[1]
-    if window is not None and len(blocks) == 1 and T > 2 * window:  # a long banded pass
-        return _attend_in_bands(q, positions, blocks[0], window, dropout, is_training)
+    if window is not None and len(blocks) == 1 and q.shape[1] > 2 * window:  # long: banded
+        one_band = lambda q, qp, k, v, kp: attend(q, qp, (KeysValues(k, v, kp),), window,
+                                                  dropout, is_training)
+        return kernels.in_bands(one_band, q, positions, *blocks[0], window, NO_POSITION,
+                                split_rng=is_training and dropout > 0)
     masks = [visible(positions, b.positions, window) for b in blocks]       # [T, S] each
     drop_weights = is_training and dropout > 0
     if len(blocks) == 1 and not drop_weights:  # the fast variant: no weights to drop
@@ -148,36 +145,6 @@ def attend(q: jax.Array, positions: jax.Array, blocks: Sequence[KeysValues],
     first, *rest = [kernels.einsum("bhts,bhsk->bthk", w, v)               # [B, T, H, K]
                     for w, v in zip(jnp.split(weights, splits, axis=-1), values)]
     return sum(rest, first)
-
-
-def _attend_in_bands(q, positions, block: KeysValues, window: int, dropout: float,
-                     is_training: bool) -> jax.Array:
-    """attend over a sequence many windows long, in pieces: the queries of each W-block over
-    the keys of their own block and the one before (all they can see), so that the cost
-    grows as T * 2W instead of T^2. q [B, T, H, K] and the block at the same T positions."""
-    B, T, H, K = q.shape
-    W = window
-    n = -(-T // W)                                                          # W-blocks
-    pad = lambda x, axis, value=0: jnp.pad(  # to n * W positions
-        x, [(0, n * W - T if a == axis else 0) for a in range(x.ndim)], constant_values=value)
-    previous = lambda x, axis, value=0: jnp.concatenate(  # each block's previous block
-        [jnp.full_like(jax.lax.index_in_dim(x, 0, axis), value),
-         jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)], axis=axis)
-    qs = pad(q, 1).reshape(B, n, W, H, K)                                   # [B, n, W, H, K]
-    ks = pad(block.k, 3).reshape(B, H, K, n, W)
-    vs = pad(block.v, 2).reshape(B, H, n, W, K)
-    query_positions = pad(positions, 0).reshape(n, W)                      # [n, W]
-    key_positions = pad(block.positions, 0, NO_POSITION).reshape(n, W)
-    ks = jnp.concatenate([previous(ks, 3), ks], axis=-1)                   # [B, H, K, n, 2W]
-    vs = jnp.concatenate([previous(vs, 2), vs], axis=3)                    # [B, H, n, 2W, K]
-    key_positions = jnp.concatenate([previous(key_positions, 0, NO_POSITION), key_positions],
-                                    axis=1)                                 # [n, 2W]
-    one_band = lambda q, k, v, qp, kp: attend(q, qp, (KeysValues(k, v, kp),), window,
-                                              dropout, is_training)
-    out = hk.vmap(one_band, in_axes=(1, 3, 2, 0, 0), out_axes=1,
-                  split_rng=is_training and dropout > 0)(
-        qs, ks, vs, query_positions, key_positions)                         # [B, n, W, H, K]
-    return out.reshape(B, n * W, H, K)[:, :T]
 
 
 def rotary_angles(positions: jax.Array, key_size: int) -> tuple[jax.Array, jax.Array]:
@@ -199,7 +166,7 @@ def rotary_angles(positions: jax.Array, key_size: int) -> tuple[jax.Array, jax.A
 def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """x [B, T, H, K] with feature pairs (i, i + K/2) rotated by the angles of cos, sin."""
     x1, x2 = jnp.split(x, 2, axis=-1)                                       # [B, T, H, K/2]
-    cos, sin = cos[None, :, None], sin[None, :, None]                       # [1, T, 1, K/2]
+    cos, sin = cos[:, None], sin[:, None]                                   # [T, 1, K/2]
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
 

@@ -34,3 +34,26 @@ def test_bench_bad_options_exit_2():
         result = run_script("bench.py", *args)
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bench_of_a_streaming_params_file_times_generate_end_to_end(tmp_path):
+    """--params takes the model's HPARAMS from the file; for a streaming model the bench
+    times past-the-window sampling as cached steps and generate.py end to end."""
+    import train
+    from conftest import tiny_config
+
+    hp = TINY._replace(positions="rotary", attention_window=8)
+    meta = train.train(tiny_config(tmp_path, max_iters=5, eval_interval=5), hp)
+    params = train.params_paths(str(tmp_path / "params"), meta["run_hash"])[1]
+    path = tmp_path / "bench.json"
+    result = run_script("bench.py", f"--params={params}", "--batch_size=2", "--train_steps=1",
+                        "--num_samples=2", "--compute_dtypes=float32", "--generate_chars=500",
+                        f"--json={path}")
+    assert result.returncode == 0, result.stderr
+    r = json.loads(path.read_text())
+    for key in ("generate_chars_per_s", "generate_short_peak_rss_mb",
+                "generate_long_peak_rss_mb", "sample_full_window_chars_per_s"):
+        assert r[key] > 0, key
+    assert "sample, past the window (cached)" in result.stdout
+    assert "d_model 32, 2 layers" in result.stdout  # the file's model, not the defaults
+    assert "generate.py, 500 chars" in result.stdout

@@ -59,3 +59,40 @@ def test_eval_bad_params_exit_2(tmp_path):
     assert result.returncode == 2
     assert f"'{garbage}' is truncated or corrupt" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_streaming_model_also_reports_the_loss_its_sampler_gives(tmp_path):
+    """A streaming model (trained briefly) gets val_loss_stream: every validation character
+    predicted with all the text before it. Computed independently here in segments of 64
+    targets, each read with the reach of the model before it (decoder_N * (W - 1)
+    characters: all that can affect its predictions)."""
+    import train
+    from conftest import TINY, tiny_config
+
+    hp = TINY._replace(positions="rotary", attention_window=8, max_seq_len=32)
+    meta = train.train(tiny_config(tmp_path, max_iters=30, eval_interval=30), hp)
+    best = train.params_paths(str(tmp_path / "params"), meta["run_hash"])[1]
+    result = run_script("eval.py", f"--params={best}", f"--source_file={CORPUS}")
+    assert result.returncode == 0, result.stderr
+    metrics = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+    ckpt = checkpoint.load(best)
+    _, val_ids = data.split(data.encode(data.load_corpus(CORPUS), ckpt.vocab))
+    reach, length = hp.decoder_N * (hp.attention_window - 1), 64
+    apply = jax.jit(transformer.build(hp, len(ckpt.vocab)).apply, static_argnums=3)
+    inputs, targets = val_ids[:-1], val_ids[1:]
+    first = apply(ckpt.params, None, inputs[None, :reach + length], False)[0]  # no text before
+    nll = [-log_softmax(np.asarray(first, np.float64))[np.arange(reach + length),
+                                                      targets[:reach + length]]]
+    padded = np.concatenate([inputs, np.zeros(length, np.int32)])  # on the right: causal
+    starts = np.arange(reach + length, len(inputs), length)       # each segment's first target
+    segments = np.stack([padded[s - reach:s + length] for s in starts])
+    logits = np.concatenate([apply(ckpt.params, None, part, False)[:, reach:]
+                             for part in np.array_split(segments, 8)])       # [n, 64, V]
+    log_probs = log_softmax(logits.astype(np.float64))
+    for s, row in zip(starts, log_probs):
+        count = min(length, len(inputs) - s)
+        nll.append(-row[np.arange(count), targets[s:s + count]])
+    nll = np.concatenate(nll)
+    assert len(nll) == len(val_ids) - 1
+    assert float(metrics["val_loss_stream"]) == pytest.approx(nll.mean(), abs=1e-4)
+    assert float(metrics["val_loss_stream"]) < math.log(len(ckpt.vocab))

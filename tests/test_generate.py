@@ -136,6 +136,9 @@ def test_generate_prints_context_then_seeded_sample(tiny_run, tmp_path):
     assert "seed 5" in first.stderr and "params" in first.stderr
     other = run_script(*args[:-1], "--prng_seed=6")
     assert other.stdout != first.stdout
+    inline = run_script("generate.py", f"--params={tiny_run['best']}", "--context=En un lugar",
+                        "--num_chars=50", "--prng_seed=5")
+    assert inline.returncode == 0 and inline.stdout == first.stdout
 
     empty = tmp_path / "empty.txt"
     empty.write_text("", encoding="utf-8")
@@ -168,6 +171,7 @@ def _bad_inputs(tiny_run, tmp_path):
     return [
         ([params, f"--context_file={unknown}"], "'ç' (U+00E7), '☃' (U+2603)"),
         ([params, "--context_file=/nonexistent.txt"], "cannot read context file"),
+        ([params, "--context=hola ☃"], "--context: 1 character(s) not in the model's vocabulary"),
         (["--params=/nonexistent.pkl"], "cannot read params file '/nonexistent.pkl'"),
         ([f"--params={corrupt}"], "is truncated or corrupt"),
         ([f"--params={unsafe}"], "unsafe pickle global posix.system"),
