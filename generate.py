@@ -65,8 +65,8 @@ class SamplerState(NamedTuple):
     window: jax.Array   # [B, S] int32: the last `length` characters, left-aligned (a streaming
                         # model: the context, unused after the prefill)
     length: jax.Array   # [] int32: characters in the window, 1..S (streaming: in the text)
-    cache: tuple        # KVCache per attention block (ChunkCache within a chunk); no longer
-                        # read or written once the window is full
+    cache: tuple        # KVCache (streaming: RingCache) per attention block, ChunkCache
+                        # within a chunk; a KVCache is unused once the window is full
     logits: jax.Array   # [B, V] for the next character
 
 

@@ -62,8 +62,7 @@ def validate(hp: HParams) -> HParams:
             f"HParams.encoder_N={hp.encoder_N}: each encoder layer feeds the decoder layer of "
             f"the same index, so it must be <= decoder_N={hp.decoder_N}.")
     if hp.positions not in ("learned", "sinusoidal", "rotary"):
-        raise ValueError(f"HParams.positions={hp.positions!r}: 'learned', 'sinusoidal' or "
-                         "'rotary'.")
+        raise ValueError(f"HParams.positions={hp.positions!r}: learned, sinusoidal or rotary.")
     if hp.positions == "rotary" and (hp.d_model // hp.h) % 2:
         raise ValueError(f"HParams.positions='rotary' rotates pairs of features: the key size "
                          f"d_model / h = {hp.d_model // hp.h} must be even.")
@@ -98,7 +97,7 @@ class KeysValues(NamedTuple):
     """Keys and values of S positions, in the layouts attention's matmuls read."""
     k: jax.Array          # [B, H, K, S]
     v: jax.Array          # [B, H, S, K]
-    positions: jax.Array  # [S] int32: each key's position; a query at p sees those <= p
+    positions: jax.Array  # [S] int32: each key's position (which queries see it: visible)
 
     @staticmethod
     def of(k: jax.Array, v: jax.Array, positions: jax.Array) -> "KeysValues":  # [B, S, H, K]
@@ -173,7 +172,8 @@ def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class Attention(hk.Module):
     """Multi-head attention of queries from `x` over keys and values from `memory`.
 
-    Causal by position: the query at position p sees keys at positions <= p. Self-attention
+    Causal by position: the query at p sees keys at positions <= p (and > p - W with an
+    attention window W); rotary positions rotate queries and keys first. Self-attention
     (memory=None) projects x to queries, keys and values in one matmul; cross-attention
     projects the encoder output (at the same positions) to keys and values in one.
     """
