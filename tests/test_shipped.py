@@ -8,12 +8,14 @@ import pytest
 import checkpoint
 import eval as evaluation
 import train
+import transformer
 from conftest import CORPUS, ROOT, run_script
 
 
 def test_shipped_params_reproduce_their_recorded_validation_loss():
     ckpt = checkpoint.load(evaluation.DEFAULT_PARAMS)
     assert ckpt.hparams == train.PRESETS["cpu"][1]
+    assert transformer.streams(ckpt.hparams)  # every sampled character one cached step
     assert ckpt.meta["config"]["preset"] == "cpu"
     assert ckpt.opt_state is None and ckpt.rng is None  # shipped without optimizer state
     metrics = evaluation.evaluate(ckpt, evaluation.CONFIG._replace(source_file=CORPUS))
