@@ -211,13 +211,11 @@ PEAK_NAMES = {"float32": "f32", "bfloat16": "bf16"}
 
 
 def main(argv) -> int:
-    config, _ = parse_overrides(argv, CONFIG, transformer.HPARAMS)
+    config, hp = parse_overrides(argv, CONFIG, transformer.HPARAMS)
     if config.params:  # the model's HPARAMS come from the file; options still win
         import checkpoint
 
         config, hp = parse_overrides(argv, CONFIG, checkpoint.load(config.params).hparams)
-    else:
-        config, hp = parse_overrides(argv, CONFIG, transformer.HPARAMS)
     try:
         transformer.validate(hp)
     except ValueError as e:

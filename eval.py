@@ -128,14 +128,15 @@ def evaluate(ckpt: checkpoint.Checkpoint, config: Config) -> dict:
     ids = data.encode(data.load_corpus(config.source_file), ckpt.vocab)
     seq_len = min(EVAL_SEQ_LEN, ckpt.hparams.max_seq_len)
     train, val = split_windows(ids, seq_len)
-    window_loss = make_window_loss(transformer.build(ckpt.hparams, len(ckpt.vocab)))
+    model = transformer.build(ckpt.hparams, len(ckpt.vocab))
+    window_loss = make_window_loss(model)
     params = jax.device_put(ckpt.params)
     val_loss = mean_loss(window_loss, params, batch_windows(val, config.eval_batch_size))
     train_loss = mean_loss(window_loss, params, batch_windows(train, config.eval_batch_size))
     stream = {}
     if transformer.streams(ckpt.hparams):  # one pass over the whole split through the window
         _, val_ids = data.split(ids)
-        stream_loss = make_stream_loss(transformer.build(ckpt.hparams, len(ckpt.vocab)))
+        stream_loss = make_stream_loss(model)
         stream["val_loss_stream"] = round(float(stream_loss(params, jnp.asarray(val_ids))), 4)
     return {
         "val_loss": round(val_loss, 4),
