@@ -11,6 +11,13 @@ forward + backward of every matmul, plus the attention scores and weighted sum.
 Training is timed for each --compute_dtypes value (train.py's --compute_dtype); its
 MFU = achieved model FLOP/s / the measured peak matmul FLOP/s of that precision.
 
+With --torch_python (a Python that has torch, in a venv of its own), the PyTorch yardstick
+../shared/peers/torch_gpt.py trains a nanoGPT-shaped model of the same layers, width, heads,
+feed-forward width, sequence length, batch and dropout, in bfloat16 autocast and in float32,
+right after this project's training section; `train_vs_torch` is this project's headline
+tokens/s over the yardstick's bfloat16 ones (`train_vs_torch_f32`: over its float32 ones).
+`--preset=NAME` times train.py's preset of that name (its HPARAMS and batch size).
+
 Sampling one stream with the KV cache reads every weight once per character, so its bound
 is the copy bandwidth over the weight bytes, in characters per second.
 """
@@ -41,6 +48,11 @@ class Config(NamedTuple):
     num_samples: int = 8          # streams for the batch sampling figure
     params: str = ""              # sample from this params file (default: random init)
     generate_chars: int = 100_000  # a streaming params file: generate.py's run, end to end
+    preset: str = ""              # train.py's preset: its HPARAMS and batch size
+    torch_python: str = ""        # a Python with torch: also run the PyTorch yardstick
+    torch_script: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                     "shared", "peers", "torch_gpt.py")
+    torch_seconds: float = 20.0   # the yardstick's training time per precision
     json: str = ""                # also write the results here as flat JSON
     section: str = ""             # internal: run one section and print its JSON
 
@@ -193,8 +205,29 @@ def bench_generate(config, hp) -> dict:
     return out
 
 
-SECTIONS = {"ceilings": bench_ceilings, "train": bench_train, "sample": bench_sample,
-            "generate": bench_generate}
+def bench_torch(config, hp) -> dict:
+    """The PyTorch yardstick's training tokens/s at this shape, in bfloat16 autocast and in
+    float32 (it has learned positions and full causal attention whatever the HPARAMS say;
+    no encoder). Needs --torch_python."""
+    if not config.torch_python:
+        return {}
+    out = {}
+    for precision in ("bf16", "f32"):
+        args = [config.torch_python, config.torch_script, config.batch_size, hp.max_seq_len,
+                hp.decoder_N, hp.d_model, hp.h, hp.d_ff, config.torch_seconds, precision,
+                hp.dropout]
+        result = subprocess.run([str(a) for a in args], capture_output=True, text=True)
+        rates = [line.split(":")[1] for line in result.stdout.splitlines()
+                 if line.startswith("train_tok_s:")]
+        if result.returncode or not rates:
+            raise UserError(f"the PyTorch yardstick failed ({' '.join(map(str, args))}):\n"
+                            f"{result.stderr.strip()[-2000:]}")
+        out[f"torch_{precision}_tokens_per_s"] = float(rates[0])
+    return out
+
+
+SECTIONS = {"ceilings": bench_ceilings, "train": bench_train, "torch": bench_torch,
+            "sample": bench_sample, "generate": bench_generate}
 
 
 def run_section(name: str, argv) -> dict:
@@ -211,11 +244,22 @@ PEAK_NAMES = {"float32": "f32", "bfloat16": "bf16"}
 
 
 def main(argv) -> int:
+    import train
+
     config, hp = parse_overrides(argv, CONFIG, transformer.HPARAMS)
+    if config.params and config.preset:
+        raise UserError("--params and --preset both set the model: give one of them.")
     if config.params:  # the model's HPARAMS come from the file; options still win
         import checkpoint
 
         config, hp = parse_overrides(argv, CONFIG, checkpoint.load(config.params).hparams)
+    if config.preset:  # the preset's HPARAMS and batch size; options still win
+        if config.preset not in train.PRESETS:
+            raise UserError(f"--preset={config.preset}: unknown preset. Valid presets: "
+                            f"{', '.join(train.PRESETS)}.")
+        preset_config, preset_hp = train.PRESETS[config.preset]
+        config, hp = parse_overrides(
+            argv, CONFIG._replace(batch_size=preset_config.batch_size), preset_hp)
     try:
         transformer.validate(hp)
     except ValueError as e:
@@ -223,6 +267,13 @@ def main(argv) -> int:
     if hp.max_seq_len < 2:
         raise UserError("bench.py times cached sampling steps after a 1-character context: "
                         "it needs --max_seq_len >= 2.")
+    if config.torch_python and not (os.path.isfile(config.torch_python)
+                                    and os.access(config.torch_python, os.X_OK)):
+        raise UserError(f"--torch_python={config.torch_python}: not an executable file (a "
+                        "venv's python with torch, see ../shared/peers/torch_gpt.py).")
+    if config.torch_python and not os.path.isfile(config.torch_script):
+        raise UserError(f"--torch_script={config.torch_script}: no such file (the PyTorch "
+                        "yardstick).")
     bad = [d for d in config.compute_dtypes.split(",") if d not in PEAK_NAMES]
     if bad:
         raise UserError(f"--compute_dtypes={config.compute_dtypes!r}: a comma-separated list "
@@ -242,14 +293,18 @@ def main(argv) -> int:
     for dtype in dtypes:  # MFU against the measured peak of the precision in use
         results[f"train_{dtype}_mfu"] = (results[f"train_{dtype}_gflops"]
                                          / results[f"peak_{PEAK_NAMES[dtype]}_gflops"])
-    # The headline figures: train.py's default compute dtype when it was timed.
-    import train
-
-    default = train.CONFIG.compute_dtype
-    best = default if default in dtypes else dtypes[0]
+    # The headline figures: the precision train.py's default ("auto") picks here, if timed.
+    chosen, why = kernels.choose_compute_dtype(train.CONFIG.compute_dtype)
+    best = chosen if chosen in dtypes else dtypes[0]
     for key in ("step_s", "tokens_per_s", "gflops", "mfu"):
         results[f"train_{key}"] = results[f"train_{best}_{key}"]
     results["train_compute_dtype"] = best
+    results["train_compute_dtype_why"] = why if best == chosen else "the first one timed"
+    if "torch_bf16_tokens_per_s" in results:
+        results["train_vs_torch"] = (results["train_tokens_per_s"]
+                                     / results["torch_bf16_tokens_per_s"])
+        results["train_vs_torch_f32"] = (results["train_tokens_per_s"]
+                                         / results["torch_f32_tokens_per_s"])
     results["sample_bandwidth_bound_chars_per_s"] = (
         results["copy_gb_per_s"] * 1e9 / results["weight_bytes"])
     results["sample_fraction_of_bound"] = (
@@ -277,6 +332,13 @@ def print_table(r: dict, hp, config) -> None:
                                   f"{r[f'train_{d}_gflops']:.0f} GFLOP/s, MFU "
                                   f"{100 * r[f'train_{d}_mfu']:.1f}% of {PEAK_NAMES[d]} peak")
           for d in config.compute_dtypes.split(",")],
+        ("train, headline precision", f"{r['train_compute_dtype']} "
+                                      f"({r['train_compute_dtype_why']})"),
+        *([("PyTorch yardstick bf16 / f32", f"{r['torch_bf16_tokens_per_s']:.0f} / "
+                                             f"{r['torch_f32_tokens_per_s']:.0f} tokens/s"),
+           ("train vs PyTorch bf16 / f32", f"{r['train_vs_torch']:.2f}x / "
+                                           f"{r['train_vs_torch_f32']:.2f}x")]
+          if "train_vs_torch" in r else []),
         ("sample, cached, 1 stream", f"{r['sample_cached_chars_per_s']:.0f} chars/s "
                                      f"({100 * r['sample_fraction_of_bound']:.0f}% of the "
                                      f"{r['sample_bandwidth_bound_chars_per_s']:.0f} chars/s "

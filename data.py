@@ -112,6 +112,23 @@ def sample_batch(key: jax.Array, ids: jax.Array, batch_size: int, seq_len: int):
     return windows[:, :-1], windows[:, 1:]
 
 
+def shuffled_batch(key: jax.Array, step: jax.Array, ids: jax.Array, batch_size: int,
+                   seq_len: int):
+    """Batch `step` of shuffled passes over ids: each pass cuts them into windows at its own
+    random offset and visits them in its own random order, so that every character is
+    trained on once per pass (random windows miss some and repeat others). -> (inputs,
+    targets) as sample_batch's. `key` is fixed for the run; the step picks pass and batch."""
+    per_pass = (ids.shape[0] - seq_len) // seq_len                    # windows in a pass
+    batches = per_pass // batch_size                                  # whole batches in it
+    pass_key = jax.random.fold_in(key, step // batches)
+    offset = jax.random.randint(jax.random.fold_in(pass_key, 0), (), 0, seq_len)
+    order = jax.random.permutation(jax.random.fold_in(pass_key, 1), per_pass)
+    starts = offset + seq_len * jax.lax.dynamic_slice_in_dim(
+        order, (step % batches) * batch_size, batch_size)             # [B]
+    windows = ids[starts[:, None] + jnp.arange(seq_len + 1)]          # [B, T+1]
+    return windows[:, :-1], windows[:, 1:]
+
+
 class Windows(NamedTuple):
     """Fixed evaluation windows: loss = sum(weights * nll(inputs -> targets)) / sum(weights)."""
     inputs: np.ndarray   # [W, T] int32

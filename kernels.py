@@ -15,6 +15,8 @@ here, with the measurement behind it (README, "Benchmark", for the whole-model f
                     own keys and the previous block's: T * 2W scores instead of T^2 (eval's
                     pass over the 103,097 validation characters: 0.1 GB a head, not 42).
   dropout           8 random bits per element instead of hk.dropout's 32.
+
+and which precision to train in: choose_compute_dtype.
 """
 
 import contextlib
@@ -24,6 +26,42 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# ---------------------------------------------------------------------------------------------
+# The training precision
+
+NATIVE_BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of x86 CPUs
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags from /proc/cpuinfo (Linux); empty where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def choose_compute_dtype(requested: str, platform: str | None = None,
+                         flags: set[str] | None = None) -> tuple[str, str]:
+    """(dtype, why) for train.Config.compute_dtype: "bfloat16" and "float32" as asked; "auto"
+    bfloat16 on GPUs and TPUs and on CPUs with native bfloat16 matmuls (AVX-512 BF16, AMX),
+    float32 on other CPUs, where XLA emulates bfloat16 and it runs slower (README,
+    "Precision"). platform and flags default to this machine's."""
+    if requested != "auto":
+        return requested, "--compute_dtype"
+    platform = platform or jax.default_backend()
+    if platform != "cpu":
+        return "bfloat16", f"auto: {platform} runs bfloat16 matmuls natively"
+    native = sorted(set(NATIVE_BFLOAT16_FLAGS) & (cpu_flags() if flags is None else flags))
+    if native:
+        return "bfloat16", f"auto: this CPU has native bfloat16 matmuls ({', '.join(native)})"
+    return "float32", (f"auto: this CPU has no native bfloat16 matmuls (no "
+                       f"{' or '.join(NATIVE_BFLOAT16_FLAGS)} flag), where they run slower")
+
 
 # ---------------------------------------------------------------------------------------------
 # Low-precision matmuls

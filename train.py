@@ -31,6 +31,7 @@ import checkpoint
 import data
 import eval as evaluation
 import generate
+import kernels
 import transformer
 from common import (StopRequest, UserError, atomic_write, format_config, parse_overrides,
                     run_main)
@@ -41,12 +42,21 @@ class Config(NamedTuple):
     max_iters: int = 15000         # optimizer steps in the run; the schedule spans them
     learning_rate: float = 3e-4    # peak AdamW learning rate, reached after warmup_iters
     warmup_iters: int = 200        # linear warmup from 0: early Adam steps are noisy
-    min_lr_ratio: float = 0.1      # cosine decay ends at learning_rate * min_lr_ratio
-    weight_decay: float = 0.1      # AdamW decoupled decay, on matrices and embeddings only
+    schedule: str = "cosine"       # after warmup: "cosine" decay, or "wsd" (warmup-stable-
+                                   # decay: constant, then linear over the last decay_fraction)
+    decay_fraction: float = 0.2    # "wsd": the share of max_iters spent decaying
+    min_lr_ratio: float = 0.1      # the decay ends at learning_rate * min_lr_ratio
+    optimizer: str = "adamw"       # "adamw", or "muon": Muon on the hidden weight matrices,
+                                   # AdamW (learning_rate) on embeddings, unembedding, biases, gains
+    muon_learning_rate: float = 0.02  # "muon": the peak learning rate of its matrices
+    weight_decay: float = 0.1      # decoupled decay: AdamW's on matrices and embeddings;
+                                   # Muon's on its matrices (none on its AdamW part)
     beta2: float = 0.99            # Adam's second-moment decay: small batches, noisy grads
     grad_clip: float = 1.0         # clip the global gradient norm to this (0: no clipping)
-    compute_dtype: str = "bfloat16"  # training matmuls' operands (float32 accumulation and
-                                   # params either way): "bfloat16" or "float32" (README)
+    batches: str = "random"        # "random" windows, or "shuffled" passes over the text
+    compute_dtype: str = "auto"    # training matmuls' operands (float32 accumulation and
+                                   # params either way): "bfloat16", "float32", or "auto":
+                                   # bfloat16 where it runs natively (README, "Precision")
     prng_seed: int = 6436          # initialization, batches and dropout all follow from it
     source_file: str = data.CORPUS_FILE  # the corpus (SHA-256 checked)
     eval_interval: int = 500       # steps between full evaluations and params files
@@ -70,11 +80,11 @@ CONFIG = Config()
 # Named recipes: `--preset=NAME` starts from its settings; other --name=value still win.
 # "gpu" is the defaults above, the original project's settings for a GPU. "cpu" is the best
 # recipe found for 60 minutes on a 2-core CPU (README, "Results"), as a streaming model
-# (rotary positions, a 128-character window): it shipped the params, trained in float32.
+# (rotary positions, a 128-character window): it shipped the params.
 PRESETS = {
     "gpu": (CONFIG, transformer.HPARAMS),
     "cpu": (CONFIG._replace(preset="cpu", batch_size=16, max_iters=5800, learning_rate=2e-3,
-                            warmup_iters=100, eval_interval=1000, compute_dtype="float32"),
+                            warmup_iters=100, eval_interval=1000),
             transformer.HPARAMS._replace(d_model=192, h=4, d_ff=768, decoder_N=4,
                                          dropout=0.0, positions="rotary",
                                          attention_window=128)),
@@ -92,22 +102,47 @@ class NonFiniteLoss(Exception):
     pass
 
 
-def make_schedule(config: Config) -> optax.Schedule:
-    """Linear warmup to learning_rate, then cosine decay to learning_rate * min_lr_ratio."""
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_iters,
-        decay_steps=max(config.max_iters, config.warmup_iters + 1),
-        end_value=config.learning_rate * config.min_lr_ratio)
+def make_schedule(config: Config, peak: float | None = None) -> optax.Schedule:
+    """Linear warmup from 0 to `peak` (default learning_rate), then to peak * min_lr_ratio at
+    max_iters: by cosine decay, or ("wsd") constant until the last decay_fraction of the
+    steps and linear from there."""
+    peak = config.learning_rate if peak is None else peak
+    end, warmup = peak * config.min_lr_ratio, config.warmup_iters
+    if config.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=peak, warmup_steps=warmup,
+            decay_steps=max(config.max_iters, warmup + 1), end_value=end)
+    decay_start = max(warmup, round(config.max_iters * (1 - config.decay_fraction)))
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak),
+         optax.linear_schedule(peak, end, max(config.max_iters - decay_start, 1))],
+        boundaries=[warmup, decay_start])
+
+
+def embedding_or_unembedding(path) -> bool:
+    names = [getattr(key, "key", "") for key in path]
+    return any(name.endswith(("token_embed", "unembed")) or name == "position_embed"
+               for name in names)
 
 
 def make_optimizer(config: Config) -> optax.GradientTransformation:
+    """Clipping, then AdamW; or Muon for the hidden weight matrices (attention projections
+    and feed-forward weights: each update orthogonalized), with its AdamW part for the
+    embeddings, the unembedding, biases and gains (optax.contrib.muon)."""
     # Decay weight matrices and embeddings, not biases or LayerNorm gains.
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    return optax.chain(
-        optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0
-        else optax.identity(),
-        optax.adamw(make_schedule(config), b1=0.9, b2=config.beta2,
-                    weight_decay=config.weight_decay, mask=decay_mask))
+    clip = (optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0
+            else optax.identity())
+    if config.optimizer == "adamw":
+        return optax.chain(clip, optax.adamw(make_schedule(config), b1=0.9, b2=config.beta2,
+                                             weight_decay=config.weight_decay, mask=decay_mask))
+    muon_dims = lambda params: jax.tree.map_with_path(  # None: to the AdamW part
+        lambda path, p: None if p.ndim != 2 or embedding_or_unembedding(path)
+        else optax.contrib.MuonDimensionNumbers(), params)
+    return optax.chain(clip, optax.contrib.muon(
+        make_schedule(config, config.muon_learning_rate), weight_decay=config.weight_decay,
+        adam_learning_rate=make_schedule(config), adam_b2=config.beta2,
+        muon_weight_dimension_numbers=muon_dims))
 
 
 def make_mesh() -> jax.sharding.Mesh:
@@ -117,8 +152,10 @@ def make_mesh() -> jax.sharding.Mesh:
 
 
 def make_train_step(model: hk.Transformed, optimizer, batch_size: int, seq_len: int,
-                    batch_sharding: jax.sharding.Sharding | None = None):
-    """jitted (state, train_ids) -> (state, metrics): one AdamW step on a random batch.
+                    batch_sharding: jax.sharding.Sharding | None = None,
+                    shuffle_key: jax.Array | None = None):
+    """jitted (state, train_ids) -> (state, metrics): one optimizer step on a batch of random
+    windows or, with `shuffle_key`, on the next batch of data.shuffled_batch's passes.
 
     With `batch_sharding`, the batch is split across the mesh and, since the state is
     replicated, XLA all-reduces the gradients: plain data parallelism.
@@ -130,7 +167,11 @@ def make_train_step(model: hk.Transformed, optimizer, batch_size: int, seq_len: 
 
     def train_step(state: TrainState, train_ids: jax.Array):
         rng, batch_key, dropout_key = jax.random.split(state.rng, 3)
-        inputs, targets = data.sample_batch(batch_key, train_ids, batch_size, seq_len)
+        if shuffle_key is None:
+            inputs, targets = data.sample_batch(batch_key, train_ids, batch_size, seq_len)
+        else:
+            inputs, targets = data.shuffled_batch(shuffle_key, state.step, train_ids,
+                                                  batch_size, seq_len)
         if batch_sharding is not None:
             inputs, targets = jax.lax.with_sharding_constraint((inputs, targets),
                                                                batch_sharding)
@@ -208,21 +249,34 @@ def params_paths(params_dir: str, run_hash: str) -> tuple[str, str]:
 
 
 def plot_losses(history: dict, path: str, title: str) -> None:
-    """train_validation_loss.png: both curves against step, the minimum marked."""
+    """train_validation_loss.png: both curves against step and, where the history has its
+    wall-clock times, validation loss against minutes; the minimum marked."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps, val = history["step"], history["val_loss"]
     best = int(np.argmin(val))
-    fig, ax = plt.subplots(figsize=(8, 5))
+    minutes = [s / 60 for s in history.get("wall_s", [])]
+    with_time = len(minutes) == len(steps)  # files before wall_s have no times
+    fig, axes = plt.subplots(1, 2 if with_time else 1, figsize=(14 if with_time else 8, 5),
+                             squeeze=False)
+    ax = axes[0, 0]
     ax.plot(steps, history["train_loss"], label="train")
     ax.plot(steps, val, label="validation")
     ax.scatter([steps[best]], [val[best]], color="red", zorder=3,
                label=f"min validation {val[best]:.4f} at step {steps[best]}")
     ax.set(xlabel="step", ylabel="loss (nats/char)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    if with_time:
+        ax = axes[0, 1]
+        ax.plot(minutes, val, color="C1", label="validation")
+        ax.scatter([minutes[best]], [val[best]], color="red", zorder=3,
+                   label=f"min validation at {minutes[best]:.1f} min")
+        ax.set(xlabel="minutes since the run started", ylabel="loss (nats/char)",
+               title="validation loss against wall-clock time")
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+        ax.legend()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
@@ -251,8 +305,15 @@ def check_config(config: Config) -> None:
     for name in ("warmup_iters", "sample_chars", "weight_decay", "grad_clip"):
         if getattr(config, name) < 0:
             raise UserError(f"--{name}={getattr(config, name)}: must be >= 0.")
-    if config.compute_dtype not in ("bfloat16", "float32"):
-        raise UserError(f"--compute_dtype={config.compute_dtype!r}: 'bfloat16' or 'float32'.")
+    for name, values in (("compute_dtype", ("auto", "bfloat16", "float32")),
+                         ("optimizer", ("adamw", "muon")), ("schedule", ("cosine", "wsd")),
+                         ("batches", ("random", "shuffled"))):
+        if getattr(config, name) not in values:
+            raise UserError(f"--{name}={getattr(config, name)!r}: one of {', '.join(values)}.")
+    if not config.muon_learning_rate > 0:
+        raise UserError(f"--muon_learning_rate={config.muon_learning_rate}: must be > 0.")
+    if not 0 < config.decay_fraction <= 1:
+        raise UserError(f"--decay_fraction={config.decay_fraction}: must be in (0, 1].")
 
 
 class Start(NamedTuple):
@@ -295,6 +356,7 @@ def train(config: Config, hparams: transformer.HParams, stop_at: int | None = No
 
     Returns the final meta: step, losses, min_val_loss, history, run_hash, ...
     """
+    entered = time.time()
     text = data.load_corpus(config.source_file)
     optimizer = make_optimizer(config)
     if config.resume:
@@ -304,6 +366,8 @@ def train(config: Config, hparams: transformer.HParams, stop_at: int | None = No
         start = fresh_start(config, hparams, vocab, transformer.build(hparams, len(vocab)),
                             optimizer)
     hparams, vocab, state = start.hparams, start.vocab, start.state
+    started = entered - start.meta.get("wall_s", 0.0)  # wall_s: since the run (not this
+                                                        # process) started, compiles included
     model = transformer.build(hparams, len(vocab))  # evaluation: float32 throughout
     ids = data.encode(text, vocab)
     train_ids, _ = data.split(ids)
@@ -320,8 +384,12 @@ def train(config: Config, hparams: transformer.HParams, stop_at: int | None = No
                                              split_batches)
     val_batches = evaluation.batch_windows(val_windows, config.eval_batch_size, split_batches)
     window_loss = evaluation.make_window_loss(model)
-    train_step = make_train_step(transformer.build(hparams, len(vocab), config.compute_dtype),
-                                 optimizer, config.batch_size, hparams.max_seq_len, split_batch)
+    compute_dtype, why = kernels.choose_compute_dtype(config.compute_dtype)
+    shuffle_key = (jax.random.fold_in(jax.random.PRNGKey(config.prng_seed), 1)
+                   if config.batches == "shuffled" else None)
+    train_step = make_train_step(transformer.build(hparams, len(vocab), compute_dtype),
+                                 optimizer, config.batch_size, hparams.max_seq_len, split_batch,
+                                 shuffle_key)
     train_ids = evaluation.put(train_ids, replicated)
     state = jax.tree.map(lambda x: evaluation.put(np.asarray(x), replicated), state)
     is_main = jax.process_index() == 0  # only process 0 writes files, plots and tracks
@@ -337,12 +405,13 @@ def train(config: Config, hparams: transformer.HParams, stop_at: int | None = No
 
     meta = {"min_val_loss": math.inf, "min_val_step": None, "val_loss": None,
             "train_loss": None, "eval_step": None,
-            "history": {"step": [], "train_loss": [], "val_loss": []}, **start.meta}
+            "history": {"step": [], "train_loss": [], "val_loss": [], "wall_s": []},
+            **start.meta}
     meta.update(run_hash=run_hash, versions=library_versions(), git_commit=git_commit(),
-                config=config._asdict())
+                config=config._asdict(), compute_dtype=compute_dtype)
 
     def save(path: str, step: int) -> None:
-        meta["step"] = step
+        meta.update(step=step, wall_s=time.time() - started)
         if not is_main:
             return
         checkpoint.save(path, params=state.params, hparams=hparams, vocab=vocab, meta=meta,
@@ -372,8 +441,9 @@ def train(config: Config, hparams: transformer.HParams, stop_at: int | None = No
         if not math.isfinite(val_loss):
             raise NonFiniteLoss(f"the validation loss is {val_loss} at step {step}: training "
                                 f"stopped; {latest_path} is kept.")
-        for name, value in (("step", step), ("train_loss", train_loss), ("val_loss", val_loss)):
-            meta["history"][name].append(value)
+        for name, value in (("step", step), ("train_loss", train_loss), ("val_loss", val_loss),
+                            ("wall_s", time.time() - started)):
+            meta["history"].setdefault(name, []).append(value)
         meta.update(train_loss=train_loss, val_loss=val_loss, eval_step=step)
         if val_loss < meta["min_val_loss"]:
             meta.update(min_val_loss=val_loss, min_val_step=step)
@@ -396,7 +466,8 @@ def train(config: Config, hparams: transformer.HParams, stop_at: int | None = No
     if is_main:
         print(f"run {run_hash}: {checkpoint.num_params(state.params):,} params, "
               f"{len(vocab)} characters, steps {step} -> {config.max_iters}, params files "
-              f"{latest_path}[.min_val.pkl]", file=sys.stderr)
+              f"{latest_path}[.min_val.pkl]\ncompute dtype: {compute_dtype} ({why})",
+              file=sys.stderr)
     bar = tqdm(total=config.max_iters, initial=step, unit="step", dynamic_ncols=True,
                disable=not (sys.stderr.isatty() and is_main))
     try:

@@ -2,6 +2,7 @@
 options exit 2. (Its numbers are measurements, not checked here: see README, Benchmark.)"""
 
 import json
+import sys
 
 from conftest import TINY, run_script
 
@@ -30,7 +31,9 @@ def test_bench_reports_every_figure(tmp_path):
 def test_bench_bad_options_exit_2():
     for args, message in ((["--compute_dtypes=float16"], "--compute_dtypes"),
                           (["--max_seq_len=1"], "--max_seq_len >= 2"),
-                          (["--d_model=30", "--h=4"], "divisible")):
+                          (["--d_model=30", "--h=4"], "divisible"),
+                          (["--preset=tpu"], "--preset=tpu: unknown preset"),
+                          (["--torch_python=/nonexistent/python"], "not an executable file")):
         result = run_script("bench.py", *args)
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr and "Traceback" not in result.stderr
@@ -57,3 +60,48 @@ def test_bench_of_a_streaming_params_file_times_generate_end_to_end(tmp_path):
     assert "sample, past the window (cached)" in result.stdout
     assert "d_model 32, 2 layers" in result.stdout  # the file's model, not the defaults
     assert "generate.py, 500 chars" in result.stdout
+
+
+FAKE_YARDSTICK = """import json, sys
+with open(sys.argv[0] + ".calls", "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+print("params: 1")
+print("train_tok_s:", 100.0 if sys.argv[8] == "bf16" else 400.0)
+"""
+
+
+def test_bench_runs_the_pytorch_yardstick_at_its_shape_and_reports_the_ratios(tmp_path):
+    """--torch_python: the yardstick (here a stand-in that records its arguments) trains the
+    bench's shape, batch and dropout in bf16 and f32; train_vs_torch = tokens/s over its
+    bf16 tokens/s, train_vs_torch_f32 over its f32 ones."""
+    script = tmp_path / "yardstick.py"
+    script.write_text(FAKE_YARDSTICK)
+    path = tmp_path / "bench.json"
+    result = run_script("bench.py", *TINY_ARGS, "--batch_size=2", "--train_steps=1",
+                        "--num_samples=2", "--compute_dtypes=float32", f"--json={path}",
+                        f"--torch_python={sys.executable}", f"--torch_script={script}",
+                        "--torch_seconds=3")
+    assert result.returncode == 0, result.stderr
+    r = json.loads(path.read_text())
+    assert (r["torch_bf16_tokens_per_s"], r["torch_f32_tokens_per_s"]) == (100.0, 400.0)
+    assert r["train_vs_torch"] == r["train_tokens_per_s"] / 100.0
+    assert r["train_vs_torch_f32"] == r["train_tokens_per_s"] / 400.0
+    calls = [json.loads(line) for line in (tmp_path / "yardstick.py.calls").read_text().splitlines()]
+    shape = ["2", "16", "2", "32", "4", "64", "3.0"]  # B T layers d_model heads d_ff seconds
+    assert calls == [shape + ["bf16", "0.1"], shape + ["f32", "0.1"]]
+    assert "train vs PyTorch bf16 / f32" in result.stdout
+
+
+def test_bench_preset_takes_the_presets_model_and_batch(tmp_path):
+    import train
+
+    script = tmp_path / "yardstick.py"
+    script.write_text(FAKE_YARDSTICK)
+    result = run_script("bench.py", "--preset=cpu", "--section=torch",
+                        f"--torch_python={sys.executable}", f"--torch_script={script}")
+    assert result.returncode == 0, result.stderr
+    config, hp = train.PRESETS["cpu"]
+    (call, _) = [json.loads(line) for line in (tmp_path / "yardstick.py.calls").read_text().splitlines()]
+    assert call[:6] == [str(x) for x in (config.batch_size, hp.max_seq_len, hp.decoder_N,
+                                         hp.d_model, hp.h, hp.d_ff)]
+    assert call[8] == str(hp.dropout)

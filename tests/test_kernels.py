@@ -106,3 +106,21 @@ def test_dropout_drops_its_rounded_rate_and_keeps_the_mean(rate):
     assert not np.array_equal(out[0] == 0, out[1] == 0)
     assert not np.array_equal(out[:, 0] == 0, out[:, 1] == 0)
     np.testing.assert_array_equal(dropout.apply({}, None, x, False), x)
+
+
+def test_auto_compute_dtype_is_bfloat16_only_where_it_runs_natively():
+    choose = kernels.choose_compute_dtype
+    assert choose("float32", "gpu")[0] == "float32"  # asked for: as asked
+    assert choose("bfloat16", "cpu", set())[0] == "bfloat16"
+    assert choose("auto", "gpu")[0] == "bfloat16"
+    assert choose("auto", "tpu")[0] == "bfloat16"
+    zen3 = {"avx2", "fma", "avx512f"}  # what an AMD Zen 3 or older Intel CPU reports
+    dtype, why = choose("auto", "cpu", zen3)
+    assert dtype == "float32" and "no avx512_bf16 or amx_bf16" in why
+    for native in ({"avx512_bf16"}, {"amx_bf16", "amx_tile"}):  # Zen 4; Sapphire Rapids
+        dtype, why = choose("auto", "cpu", zen3 | native)
+        assert dtype == "bfloat16" and sorted(native)[0] in why
+    # This machine: bfloat16 exactly when its CPU says it has a native bfloat16 flag.
+    native_here = bool(kernels.cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    if jax.default_backend() == "cpu":
+        assert choose("auto")[0] == ("bfloat16" if native_here else "float32")
