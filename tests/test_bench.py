@@ -86,7 +86,8 @@ def test_bench_runs_the_pytorch_yardstick_at_its_shape_and_reports_the_ratios(tm
     assert (r["torch_bf16_tokens_per_s"], r["torch_f32_tokens_per_s"]) == (100.0, 400.0)
     assert r["train_vs_torch"] == r["train_tokens_per_s"] / 100.0
     assert r["train_vs_torch_f32"] == r["train_tokens_per_s"] / 400.0
-    calls = [json.loads(line) for line in (tmp_path / "yardstick.py.calls").read_text().splitlines()]
+    calls = [json.loads(line)
+             for line in (tmp_path / "yardstick.py.calls").read_text().splitlines()]
     shape = ["2", "16", "2", "32", "4", "64", "3.0"]  # B T layers d_model heads d_ff seconds
     assert calls == [shape + ["bf16", "0.1"], shape + ["f32", "0.1"]]
     assert "train vs PyTorch bf16 / f32" in result.stdout
@@ -101,7 +102,8 @@ def test_bench_preset_takes_the_presets_model_and_batch(tmp_path):
                         f"--torch_python={sys.executable}", f"--torch_script={script}")
     assert result.returncode == 0, result.stderr
     config, hp = train.PRESETS["cpu"]
-    (call, _) = [json.loads(line) for line in (tmp_path / "yardstick.py.calls").read_text().splitlines()]
+    (call, _) = [json.loads(line)
+                 for line in (tmp_path / "yardstick.py.calls").read_text().splitlines()]
     assert call[:6] == [str(x) for x in (config.batch_size, hp.max_seq_len, hp.decoder_N,
                                          hp.d_model, hp.h, hp.d_ff)]
     assert call[8] == str(hp.dropout)

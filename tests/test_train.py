@@ -448,9 +448,9 @@ def _is_adamw_part(module: str, name: str) -> bool:
 def test_muon_orthogonalizes_hidden_matrices_and_adamw_takes_the_rest():
     """--optimizer=muon: each hidden weight matrix (attention projections, feed-forward; the
     encoder's and cross-attention's too) moves by an orthogonalized update (its singular
-    values closer together than in AdamW's update); the embeddings, the unembedding, biases and gains move by
-    its AdamW part's first step, -learning_rate * sign(gradient) times Nesterov momentum's
-    first-step factor. With zero gradients only Muon's matrices decay, by
+    values closer together than in AdamW's update); the embeddings, the unembedding, biases
+    and gains move by its AdamW part's first step, -learning_rate * sign(gradient) times
+    Nesterov momentum's first-step factor. With zero gradients only Muon's matrices decay, by
     muon_learning_rate * weight_decay."""
     config = train.CONFIG._replace(optimizer="muon", learning_rate=1e-3,
                                    muon_learning_rate=0.02, warmup_iters=0, weight_decay=0.5,
@@ -467,7 +467,7 @@ def test_muon_orthogonalizes_hidden_matrices_and_adamw_takes_the_rest():
         for name, value in leaves.items():
             u, g = np.asarray(updates[module][name]), np.asarray(grads[module][name])
             if _is_adamw_part(module, name):
-                nesterov = 1 + 0.9 * (1 - 0.9) / (1 - 0.9**2)  # (b1 m_1 + (1 - b1) g) bias-corrected
+                nesterov = 1 + 0.9 * (1 - 0.9) / (1 - 0.9**2)  # b1 m_1 + (1 - b1) g, corrected
                 np.testing.assert_allclose(u, -1e-3 * nesterov * np.sign(g), rtol=1e-3)
             else:
                 spread = lambda x: (lambda s: s.max() / s.min())(
