@@ -112,13 +112,19 @@ def sample_batch(key: jax.Array, ids: jax.Array, batch_size: int, seq_len: int):
     return windows[:, :-1], windows[:, 1:]
 
 
+def windows_per_pass(num_ids: int, seq_len: int) -> int:
+    """How many windows (of seq_len + 1 ids) one of shuffled_batch's passes cuts: any offset
+    below seq_len leaves room for them all."""
+    return (num_ids - seq_len) // seq_len
+
+
 def shuffled_batch(key: jax.Array, step: jax.Array, ids: jax.Array, batch_size: int,
                    seq_len: int):
     """Batch `step` of shuffled passes over ids: each pass cuts them into windows at its own
     random offset and visits them in its own random order, so that every character is
     trained on once per pass (random windows miss some and repeat others). -> (inputs,
     targets) as sample_batch's. `key` is fixed for the run; the step picks pass and batch."""
-    per_pass = (ids.shape[0] - seq_len) // seq_len                    # windows in a pass
+    per_pass = windows_per_pass(ids.shape[0], seq_len)
     batches = per_pass // batch_size                                  # whole batches in it
     pass_key = jax.random.fold_in(key, step // batches)
     offset = jax.random.randint(jax.random.fold_in(pass_key, 0), (), 0, seq_len)

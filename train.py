@@ -375,7 +375,7 @@ def train(config: Config, hparams: transformer.HParams, stop_at: int | None = No
         raise UserError(f"{config.source_file!r}: the training split ({len(train_ids)} "
                         f"characters) is shorter than max_seq_len={hparams.max_seq_len}.")
     if (config.batches == "shuffled"
-            and (len(train_ids) - hparams.max_seq_len) // hparams.max_seq_len < config.batch_size):
+            and data.windows_per_pass(len(train_ids), hparams.max_seq_len) < config.batch_size):
         raise UserError(f"--batches=shuffled: the training split holds fewer than "
                         f"batch_size={config.batch_size} windows of {hparams.max_seq_len}.")
     train_windows, val_windows = evaluation.split_windows(
