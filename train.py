@@ -83,8 +83,9 @@ CONFIG = Config()
 # (rotary positions, a 128-character window): it shipped the params.
 PRESETS = {
     "gpu": (CONFIG, transformer.HPARAMS),
-    "cpu": (CONFIG._replace(preset="cpu", batch_size=16, max_iters=5800, learning_rate=2e-3,
-                            warmup_iters=100, eval_interval=1000),
+    "cpu": (CONFIG._replace(preset="cpu", batch_size=16, max_iters=4400, learning_rate=2e-3,
+                            warmup_iters=100, optimizer="muon", muon_learning_rate=0.02,
+                            batches="shuffled", eval_interval=400),
             transformer.HPARAMS._replace(d_model=192, h=4, d_ff=768, decoder_N=4,
                                          dropout=0.0, positions="rotary",
                                          attention_window=128)),
