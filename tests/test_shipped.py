@@ -23,6 +23,14 @@ def test_shipped_params_reproduce_their_recorded_validation_loss():
     assert metrics["step"] == ckpt.meta["min_val_step"]
 
 
+def test_shipped_run_met_the_recipe_targets():
+    """The targets the cpu preset was chosen for, from the run's own record: at most 1.36
+    nats/char, with the best params within the first 60 minutes of the run."""
+    meta = checkpoint.load(evaluation.DEFAULT_PARAMS).meta
+    assert meta["min_val_loss"] <= 1.36
+    assert meta["wall_s"] <= 60 * 60  # seconds since the run started, at this evaluation
+
+
 def test_generate_samples_from_the_shipped_params_by_default():
     with open(os.path.join(ROOT, evaluation.CONFIG.context_file), encoding="utf-8") as f:
         context = f.read()
