@@ -16,7 +16,10 @@ With --torch_python (a Python that has torch, in a venv of its own), the PyTorch
 feed-forward width, sequence length, batch and dropout, in bfloat16 autocast and in float32,
 right after this project's training section; `train_vs_torch` is this project's headline
 tokens/s over the yardstick's bfloat16 ones (`train_vs_torch_f32`: over its float32 ones).
-`--preset=NAME` times train.py's preset of that name (its HPARAMS and batch size).
+`--preset=NAME` times train.py's preset of that name (its HPARAMS, batch size and optimizer);
+`--optimizer` (train.py's: adamw or muon) times another: the yardstick trains with AdamW, so
+`--optimizer=adamw` compares like with like (Muon's orthogonalization adds matmuls of its own,
+outside the model FLOPs).
 
 Sampling one stream with the KV cache reads every weight once per character, so its bound
 is the copy bandwidth over the weight bytes, in characters per second.
@@ -48,7 +51,8 @@ class Config(NamedTuple):
     num_samples: int = 8          # streams for the batch sampling figure
     params: str = ""              # sample from this params file (default: random init)
     generate_chars: int = 100_000  # a streaming params file: generate.py's run, end to end
-    preset: str = ""              # train.py's preset: its HPARAMS and batch size
+    preset: str = ""              # train.py's preset: its HPARAMS, batch size and optimizer
+    optimizer: str = ""           # train.py's --optimizer ("": the preset's, else adamw)
     torch_python: str = ""        # a Python with torch: also run the PyTorch yardstick
     torch_script: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                                      "shared", "peers", "torch_gpt.py")
@@ -101,6 +105,16 @@ def flops_per_token(hp, vocab_size: int) -> float:
     return 6 * params + 12 * num_layers * hp.max_seq_len * hp.d_model
 
 
+def train_config_of(config: Config):
+    """train.py's Config for the timed steps: the preset's (train.py's defaults without one),
+    with the batch size and --optimizer of this run."""
+    import train
+
+    base = train.PRESETS[config.preset][0] if config.preset else train.CONFIG
+    return base._replace(batch_size=config.batch_size,
+                         optimizer=config.optimizer or base.optimizer)
+
+
 def bench_train(config, hp) -> dict:
     """Per compute dtype: the real jitted train step (dropout on), median seconds per step."""
     import data
@@ -109,10 +123,10 @@ def bench_train(config, hp) -> dict:
     text = data.load_corpus()
     vocab = data.build_vocab(text)
     train_ids = jnp.asarray(data.split(data.encode(text, vocab))[0])
-    train_config = train.CONFIG._replace(batch_size=config.batch_size)
+    train_config = train_config_of(config)
     optimizer = train.make_optimizer(train_config)
     flops = flops_per_token(hp, len(vocab))
-    out = {"flops_per_token": flops}
+    out = {"flops_per_token": flops, "train_optimizer": train_config.optimizer}
     for dtype in config.compute_dtypes.split(","):
         model = transformer.build(hp, len(vocab), dtype)
         state = train.fresh_start(train_config, hp, vocab, model, optimizer).state
@@ -274,6 +288,8 @@ def main(argv) -> int:
     if config.torch_python and not os.path.isfile(config.torch_script):
         raise UserError(f"--torch_script={config.torch_script}: no such file (the PyTorch "
                         "yardstick).")
+    if config.optimizer not in ("", "adamw", "muon"):
+        raise UserError(f"--optimizer={config.optimizer!r}: adamw or muon (train.py's).")
     bad = [d for d in config.compute_dtypes.split(",") if d not in PEAK_NAMES]
     if bad:
         raise UserError(f"--compute_dtypes={config.compute_dtypes!r}: a comma-separated list "
@@ -321,7 +337,7 @@ def print_table(r: dict, hp, config) -> None:
     rows = [
         ("device", f"{r['device']} ({r['cpu_count']} cores), {r['date']}"),
         ("model", f"d_model {hp.d_model}, {hp.decoder_N} layers, {hp.h} heads, d_ff {hp.d_ff},"
-                  f" T {hp.max_seq_len}, batch {config.batch_size}"),
+                  f" T {hp.max_seq_len}, batch {config.batch_size}, {r['train_optimizer']}"),
         ("matmul peak f32 / bf16", f"{r['peak_f32_gflops']:.0f} / {r['peak_bf16_gflops']:.0f}"
                                    " GFLOP/s"),
         ("memory bandwidth copy / read", f"{r['copy_gb_per_s']:.1f} / "

@@ -33,6 +33,7 @@ def test_bench_bad_options_exit_2():
                           (["--max_seq_len=1"], "--max_seq_len >= 2"),
                           (["--d_model=30", "--h=4"], "divisible"),
                           (["--preset=tpu"], "--preset=tpu: unknown preset"),
+                          (["--optimizer=sgd"], "--optimizer='sgd'"),
                           (["--torch_python=/nonexistent/python"], "not an executable file")):
         result = run_script("bench.py", *args)
         assert result.returncode == 2, (args, result.stderr)
@@ -107,3 +108,20 @@ def test_bench_preset_takes_the_presets_model_and_batch(tmp_path):
     assert call[:6] == [str(x) for x in (config.batch_size, hp.max_seq_len, hp.decoder_N,
                                          hp.d_model, hp.h, hp.d_ff)]
     assert call[8] == str(hp.dropout)
+
+
+def test_bench_times_the_presets_optimizer_unless_told_another():
+    """`--preset=cpu` times the training step that `train.py --preset=cpu` runs (Muon), and
+    without a preset train.py's default (AdamW); --optimizer chooses."""
+    import train
+
+    def timed_optimizer(*args):
+        result = run_script("bench.py", *args, *TINY_ARGS, "--batch_size=2", "--train_steps=1",
+                            "--compute_dtypes=float32", "--section=train")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout.strip().splitlines()[-1])["train_optimizer"]
+
+    assert train.PRESETS["cpu"][0].optimizer == "muon" != train.CONFIG.optimizer
+    assert timed_optimizer("--preset=cpu") == "muon"
+    assert timed_optimizer() == train.CONFIG.optimizer
+    assert timed_optimizer("--preset=cpu", "--optimizer=adamw") == "adamw"
