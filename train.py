@@ -53,6 +53,8 @@ class Config(NamedTuple):
                                    # Muon's on its matrices (none on its AdamW part)
     beta2: float = 0.99            # Adam's second-moment decay: small batches, noisy grads
     grad_clip: float = 1.0         # clip the global gradient norm to this (0: no clipping)
+    ema_decay: float = 0.0         # evaluate (and keep as the best params) a moving average
+                                   # of the params, this much of it kept per step (0: none)
     batches: str = "random"        # "random" windows, or "shuffled" passes over the text
     compute_dtype: str = "auto"    # training matmuls' operands (float32 accumulation and
                                    # params either way): "bfloat16", "float32", or "auto":
@@ -129,21 +131,49 @@ def embedding_or_unembedding(path) -> bool:
 def make_optimizer(config: Config) -> optax.GradientTransformation:
     """Clipping, then AdamW; or Muon for the hidden weight matrices (attention projections
     and feed-forward weights: each update orthogonalized), with its AdamW part for the
-    embeddings, the unembedding, biases and gains (optax.contrib.muon)."""
+    embeddings, the unembedding, biases and gains (optax.contrib.muon). With ema_decay, an
+    average of the params (average_params) rides along as the last state."""
     # Decay weight matrices and embeddings, not biases or LayerNorm gains.
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     clip = (optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0
             else optax.identity())
     if config.optimizer == "adamw":
-        return optax.chain(clip, optax.adamw(make_schedule(config), b1=0.9, b2=config.beta2,
-                                             weight_decay=config.weight_decay, mask=decay_mask))
-    muon_dims = lambda params: jax.tree.map_with_path(  # None: to the AdamW part
-        lambda path, p: None if p.ndim != 2 or embedding_or_unembedding(path)
-        else optax.contrib.MuonDimensionNumbers(), params)
-    return optax.chain(clip, optax.contrib.muon(
-        make_schedule(config, config.muon_learning_rate), weight_decay=config.weight_decay,
-        adam_learning_rate=make_schedule(config), adam_b2=config.beta2,
-        muon_weight_dimension_numbers=muon_dims))
+        optimizer = optax.chain(clip, optax.adamw(
+            make_schedule(config), b1=0.9, b2=config.beta2, weight_decay=config.weight_decay,
+            mask=decay_mask))
+    else:
+        muon_dims = lambda params: jax.tree.map_with_path(  # None: to the AdamW part
+            lambda path, p: None if p.ndim != 2 or embedding_or_unembedding(path)
+            else optax.contrib.MuonDimensionNumbers(), params)
+        optimizer = optax.chain(clip, optax.contrib.muon(
+            make_schedule(config, config.muon_learning_rate), weight_decay=config.weight_decay,
+            adam_learning_rate=make_schedule(config), adam_b2=config.beta2,
+            muon_weight_dimension_numbers=muon_dims))
+    if config.ema_decay == 0:
+        return optimizer
+    return optax.chain(optimizer, average_params(config.ema_decay))
+
+
+def average_params(decay: float) -> optax.GradientTransformation:
+    """Chained last, it passes the updates through and keeps an exponential moving average
+    of the params they make (optax.ema of the iterates): a cheap stand-in for annealing the
+    learning rate, good at any step (see evaluated_params)."""
+    ema = optax.ema(decay)
+
+    def update(updates, state, params):
+        _, state = ema.update(optax.apply_updates(params, updates), state)
+        return updates, state
+
+    return optax.GradientTransformation(ema.init, update)
+
+
+def evaluated_params(config: Config, state: TrainState) -> hk.Params:
+    """What evaluation scores and the min-validation file keeps: the params or, with
+    ema_decay, their debiased moving average (the averaged state is the optimizer's last)."""
+    if config.ema_decay == 0:
+        return state.params
+    average = state.opt_state[-1]
+    return optax.tree.bias_correction(average.ema, config.ema_decay, average.count)
 
 
 def make_mesh() -> jax.sharding.Mesh:
@@ -315,6 +345,8 @@ def check_config(config: Config) -> None:
         raise UserError(f"--muon_learning_rate={config.muon_learning_rate}: must be > 0.")
     if not 0 < config.decay_fraction <= 1:
         raise UserError(f"--decay_fraction={config.decay_fraction}: must be in (0, 1].")
+    if not 0 <= config.ema_decay < 1:
+        raise UserError(f"--ema_decay={config.ema_decay}: must be in [0, 1).")
 
 
 class Start(NamedTuple):
@@ -346,7 +378,8 @@ def resume_start(config, hparams, optimizer) -> Start:
     structure = jax.tree.structure(expected)
     if [x.shape for x in jax.tree.leaves(expected)] != [np.shape(x) for x in ckpt.opt_state]:
         raise UserError(f"--resume={config.resume}: its optimizer state does not match this "
-                        "optimizer (was weight decay or clipping switched on or off?).")
+                        "optimizer (was weight decay, clipping or ema_decay switched on or "
+                        "off?).")
     opt_state = jax.tree.unflatten(structure, [jnp.asarray(x) for x in ckpt.opt_state])
     state = TrainState(params, opt_state, jnp.asarray(ckpt.rng), jnp.int32(ckpt.meta["step"]))
     return Start(state, ckpt.hparams, ckpt.vocab, ckpt.meta)
@@ -415,12 +448,13 @@ def train(config: Config, hparams: transformer.HParams, stop_at: int | None = No
     meta.update(run_hash=run_hash, versions=library_versions(), git_commit=git_commit(),
                 config=config._asdict(), compute_dtype=compute_dtype)
 
-    def save(path: str, step: int) -> None:
+    def save(path: str, step: int, params=None) -> None:
         meta.update(step=step, wall_s=time.time() - started)
         if not is_main:
             return
-        checkpoint.save(path, params=state.params, hparams=hparams, vocab=vocab, meta=meta,
-                        opt_state=state.opt_state, rng=state.rng)
+        checkpoint.save(path, params=state.params if params is None else params,
+                        hparams=hparams, vocab=vocab, meta=meta, opt_state=state.opt_state,
+                        rng=state.rng)
 
     step = int(state.step)
     schedule = make_schedule(config)  # the optimizer's learning rate, for the logs
@@ -441,8 +475,9 @@ def train(config: Config, hparams: transformer.HParams, stop_at: int | None = No
                       tokens_per_s=clock["tokens_per_s"])
 
     def evaluate_and_save() -> None:
-        train_loss = evaluation.mean_loss(window_loss, state.params, train_batches)
-        val_loss = evaluation.mean_loss(window_loss, state.params, val_batches)
+        params = evaluated_params(config, state)
+        train_loss = evaluation.mean_loss(window_loss, params, train_batches)
+        val_loss = evaluation.mean_loss(window_loss, params, val_batches)
         if not math.isfinite(val_loss):
             raise NonFiniteLoss(f"the validation loss is {val_loss} at step {step}: training "
                                 f"stopped; {latest_path} is kept.")
@@ -452,8 +487,8 @@ def train(config: Config, hparams: transformer.HParams, stop_at: int | None = No
         meta.update(train_loss=train_loss, val_loss=val_loss, eval_step=step)
         if val_loss < meta["min_val_loss"]:
             meta.update(min_val_loss=val_loss, min_val_step=step)
-            save(best_path, step)
-        save(latest_path, step)
+            save(best_path, step, params)  # the evaluated params (with ema_decay, averaged)
+        save(latest_path, step)             # the training state, to resume
         if is_main:
             bar.write(f"step {step} | train {train_loss:.4f} | val {val_loss:.4f} | "
                       f"{clock['tokens_per_s']:.0f} tok/s | "
@@ -463,7 +498,7 @@ def train(config: Config, hparams: transformer.HParams, stop_at: int | None = No
             tracker.track(step, {"subset": subset}, loss=loss, bpc=loss / math.log(2))
         if sampler is not None and tracker.run is not None:
             # Host copies: process 0 samples alone, outside the multi-process computation.
-            ids_out = sampler.sample(jax.device_get(state.params), newline,
+            ids_out = sampler.sample(jax.device_get(params), newline,
                                      jax.random.PRNGKey(step), config.sample_chars)
             tracker.track_text(step, "sample", data.decode(ids_out, vocab))
         clock.update(start=time.time(), steps=0)

@@ -57,13 +57,61 @@ def test_both_params_files_hold_their_steps(tiny_run):
                                           latest.meta["run_hash"]))
 
 
+def val_loss_of(ckpt: checkpoint.Checkpoint) -> float:
+    ids = evaluation.data.encode(evaluation.data.load_corpus(CORPUS), ckpt.vocab)
+    _, val = evaluation.split_windows(ids, min(evaluation.EVAL_SEQ_LEN, TINY.max_seq_len))
+    window_loss = evaluation.make_window_loss(transformer.build(ckpt.hparams, len(ckpt.vocab)))
+    return evaluation.mean_loss(window_loss, ckpt.params, evaluation.batch_windows(val, 512))
+
+
 def test_min_val_file_reproduces_its_validation_loss(tiny_run):
     best = checkpoint.load(tiny_run["best"])
-    ids = evaluation.data.encode(evaluation.data.load_corpus(CORPUS), best.vocab)
-    _, val = evaluation.split_windows(ids, min(evaluation.EVAL_SEQ_LEN, TINY.max_seq_len))
-    window_loss = evaluation.make_window_loss(transformer.build(best.hparams, len(best.vocab)))
-    loss = evaluation.mean_loss(window_loss, best.params, evaluation.batch_windows(val, 512))
-    assert loss == pytest.approx(best.meta["min_val_loss"], rel=1e-5)
+    assert val_loss_of(best) == pytest.approx(best.meta["min_val_loss"], rel=1e-5)
+
+
+def test_ema_evaluates_the_debiased_average_of_the_iterates(tmp_path):
+    """With ema_decay d, the params evaluated after n steps are the iterates p_1..p_n
+    averaged with weights (1 - d) d^(n - i), divided by 1 - d^n so that they sum to 1."""
+    config = tiny_config(tmp_path, ema_decay=0.8)
+    text = data.load_corpus(CORPUS)
+    vocab = data.build_vocab(text)
+    train_ids = jax.numpy.asarray(data.split(data.encode(text, vocab))[0])
+    model = transformer.build(TINY, len(vocab))
+    optimizer = train.make_optimizer(config)
+    state = train.fresh_start(config, TINY, vocab, model, optimizer).state
+    step = train.make_train_step(model, optimizer, config.batch_size, TINY.max_seq_len)
+    iterates = []
+    for _ in range(5):
+        state, _ = step(state, train_ids)
+        iterates.append(jax.tree.map(np.array, state.params))  # copies: the step donates
+    d, n = config.ema_decay, len(iterates)
+    expected = jax.tree.map(
+        lambda *ps: sum((1 - d) * d ** (n - i) * p for i, p in enumerate(ps, 1)) / (1 - d ** n),
+        *iterates)
+    averaged = train.evaluated_params(config, state)
+    for x, y in zip(jax.tree.leaves(averaged), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    assert not all(np.allclose(x, y) for x, y in zip(jax.tree.leaves(averaged),
+                                                     jax.tree.leaves(iterates[-1])))
+    without = train.evaluated_params(config._replace(ema_decay=0.0), state)
+    assert without is state.params
+
+
+def test_ema_run_keeps_the_average_as_its_best_and_resumes_it(tmp_path):
+    """A run with ema_decay evaluates the average: its min-validation file holds it (and
+    scores its recorded loss), its latest file the iterate, and resuming continues both."""
+    config = tiny_config(tmp_path, max_iters=20, eval_interval=10, ema_decay=0.9)
+    whole = train.train(config, TINY)
+    latest, best = (checkpoint.load(path)
+                    for path in train.params_paths(config.params_dir, whole["run_hash"]))
+    assert best.meta["min_val_step"] == 20 == latest.meta["step"]
+    assert val_loss_of(best) == pytest.approx(best.meta["min_val_loss"], rel=1e-5)
+    assert val_loss_of(latest) != pytest.approx(best.meta["min_val_loss"], rel=1e-3)
+    first = train.train(config, TINY, stop_at=10)
+    resumed = train.train(config._replace(resume=train.params_paths(
+        config.params_dir, first["run_hash"])[0]), transformer.HPARAMS)
+    np.testing.assert_allclose(resumed["history"]["val_loss"], whole["history"]["val_loss"],
+                               rtol=1e-5)
 
 
 def test_resume_equals_uninterrupted_training(tmp_path):
@@ -131,6 +179,7 @@ def test_resume_keeps_the_saved_config_under_new_arguments(tiny_run):
     (["--schedule=step"], "--schedule='step': one of cosine, wsd"),
     (["--batches=epochs"], "--batches='epochs': one of random, shuffled"),
     (["--decay_fraction=0"], "--decay_fraction=0.0: must be in (0, 1]"),
+    (["--ema_decay=1"], "--ema_decay=1.0: must be in [0, 1)"),
 ])
 def test_bad_command_lines_exit_2_without_traceback(args, message):
     result = run_script("train.py", *args, f"--source_file={CORPUS}", "--aim=False")
