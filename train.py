@@ -85,11 +85,12 @@ CONFIG = Config()
 # (rotary positions, a 128-character window): it shipped the params.
 PRESETS = {
     "gpu": (CONFIG, transformer.HPARAMS),
-    "cpu": (CONFIG._replace(preset="cpu", batch_size=16, max_iters=4400, learning_rate=2e-3,
-                            warmup_iters=100, optimizer="muon", muon_learning_rate=0.02,
-                            batches="shuffled", eval_interval=400),
-            transformer.HPARAMS._replace(d_model=192, h=4, d_ff=768, decoder_N=4,
-                                         dropout=0.0, positions="rotary",
+    "cpu": (CONFIG._replace(preset="cpu", batch_size=32, max_iters=3200, learning_rate=3e-3,
+                            warmup_iters=100, schedule="wsd", decay_fraction=1.0,
+                            min_lr_ratio=0.0, optimizer="muon", muon_learning_rate=0.01,
+                            batches="shuffled", eval_interval=100, ema_decay=0.995),
+            transformer.HPARAMS._replace(d_model=256, h=4, d_ff=1024, decoder_N=4,
+                                         dropout=0.1, positions="rotary",
                                          attention_window=128)),
 }
 
