@@ -124,10 +124,10 @@ def bench_train(config, hp) -> dict:
     vocab = data.build_vocab(text)
     train_ids = jnp.asarray(data.split(data.encode(text, vocab))[0])
     train_config = train_config_of(config)
-    optimizer = train.make_optimizer(train_config)
     flops = flops_per_token(hp, len(vocab))
     out = {"flops_per_token": flops, "train_optimizer": train_config.optimizer}
     for dtype in config.compute_dtypes.split(","):
+        optimizer = train.make_optimizer(train_config._replace(compute_dtype=dtype))
         model = transformer.build(hp, len(vocab), dtype)
         state = train.fresh_start(train_config, hp, vocab, model, optimizer).state
         step = train.make_train_step(model, optimizer, config.batch_size, hp.max_seq_len)

@@ -30,6 +30,7 @@ _SAFE_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.numeric", "_frombuffer"),
     ("numpy.core.numeric", "_frombuffer"),
+    ("ml_dtypes", "bfloat16"),  # the dtype of bfloat16 optimizer moments (a type, no code)
 }
 
 
