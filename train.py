@@ -387,7 +387,9 @@ def resume_start(config, hparams, optimizer) -> Start:
         raise UserError(f"--resume={config.resume}: its optimizer state does not match this "
                         "optimizer (was weight decay, clipping or ema_decay switched on or "
                         "off?).")
-    opt_state = jax.tree.unflatten(structure, [jnp.asarray(x) for x in ckpt.opt_state])
+    # In this optimizer's dtypes: a run resumed where "auto" chooses another compute dtype.
+    opt_state = jax.tree.unflatten(structure, [jnp.asarray(x, e.dtype) for x, e in zip(
+        ckpt.opt_state, jax.tree.leaves(expected))])
     state = TrainState(params, opt_state, jnp.asarray(ckpt.rng), jnp.int32(ckpt.meta["step"]))
     return Start(state, ckpt.hparams, ckpt.vocab, ckpt.meta)
 

@@ -329,6 +329,27 @@ def test_resume_refusals_exit_2_with_their_message(tiny_run):
         assert "Traceback" not in result.stderr
 
 
+def test_resume_where_auto_chooses_another_dtype_takes_this_optimizers_dtypes(
+        tmp_path, monkeypatch):
+    """A Muon run saved where "auto" meant float32 resumes where it means bfloat16 (and back)
+    with its optimizer state in this machine's optimizer dtypes (Muon's moments follow the
+    compute dtype), not in the file's."""
+    for saved, here in (("float32", "bfloat16"), ("bfloat16", "float32")):
+        monkeypatch.setattr(kernels, "choose_compute_dtype", lambda r, *_: (saved, "test"))
+        config = tiny_config(tmp_path / saved, max_iters=20, eval_interval=10,
+                             optimizer="muon")
+        first = train.train(config, TINY, stop_at=10)
+        config = config._replace(resume=train.params_paths(config.params_dir,
+                                                           first["run_hash"])[0])
+        monkeypatch.setattr(kernels, "choose_compute_dtype", lambda r, *_: (here, "test"))
+        optimizer = train.make_optimizer(config)
+        state = train.resume_start(config, transformer.HPARAMS, optimizer).state
+        fresh = jax.eval_shape(optimizer.init, state.params)
+        dtypes = [x.dtype for x in jax.tree.leaves(state.opt_state)]
+        assert dtypes == [x.dtype for x in jax.tree.leaves(fresh)]
+        assert (jax.numpy.bfloat16 in dtypes) == (here == "bfloat16")
+
+
 def test_resume_refuses_a_changed_optimizer(tiny_run, monkeypatch):
     """An optimizer whose state differs from the file's (here: one more Adam moment pair) is
     refused rather than fed the wrong arrays."""
@@ -376,10 +397,12 @@ def test_non_finite_loss_stops_with_clear_error_and_keeps_files(tmp_path, monkey
     assert checkpoint.load(os.path.join(config.params_dir, latest)).meta["step"] == 10
 
 
-def test_train_step_compiles_once(tmp_path):
-    """Static shapes: after its first call the jitted step never traces or compiles again
-    (counted with jax.monitoring's compile events, whatever the persistent cache holds)."""
-    config = tiny_config(tmp_path)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_train_step_compiles_once(tmp_path, optimizer):
+    """Static shapes (and dtypes): after its first call the jitted step never traces or
+    compiles again (counted with jax.monitoring's compile events, whatever the persistent
+    cache holds)."""
+    config = tiny_config(tmp_path, optimizer=optimizer)
     text = evaluation.data.load_corpus(CORPUS)
     vocab = evaluation.data.build_vocab(text)
     model = transformer.build(TINY, len(vocab))
@@ -502,7 +525,8 @@ def test_muon_orthogonalizes_hidden_matrices_and_adamw_takes_the_rest(compute_dt
     values closer together than in AdamW's update); the embeddings, the unembedding, biases
     and gains move by its AdamW part's first step, -learning_rate * sign(gradient) times
     Nesterov momentum's first-step factor. With zero gradients only Muon's matrices decay, by
-    muon_learning_rate * weight_decay. With bfloat16 compute its moments are bfloat16."""
+    muon_learning_rate * weight_decay. With bfloat16 compute (bfloat16 moments) the same
+    holds to bfloat16's precision."""
     config = train.CONFIG._replace(optimizer="muon", learning_rate=1e-3,
                                    muon_learning_rate=0.02, warmup_iters=0, weight_decay=0.5,
                                    grad_clip=0.0, compute_dtype=compute_dtype)
