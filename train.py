@@ -85,7 +85,7 @@ CONFIG = Config()
 # (rotary positions, a 128-character window): it shipped the params.
 PRESETS = {
     "gpu": (CONFIG, transformer.HPARAMS),
-    "cpu": (CONFIG._replace(preset="cpu", batch_size=32, max_iters=3200, learning_rate=3e-3,
+    "cpu": (CONFIG._replace(preset="cpu", batch_size=32, max_iters=4000, learning_rate=3e-3,
                             warmup_iters=100, schedule="wsd", decay_fraction=1.0,
                             min_lr_ratio=0.0, optimizer="muon", muon_learning_rate=0.01,
                             batches="shuffled", eval_interval=100, ema_decay=0.995),
