@@ -1,7 +1,9 @@
-"""The corpus, its character vocabulary, training batches and evaluation windows.
+"""Texts, their character vocabulary, training batches and evaluation windows.
 
-`python data.py` (what `make data` runs) puts the corpus at CORPUS_FILE: a copy of the file
-that $NOVELAS_EJEMPLARES names, or a download from CORPUS_URL; its SHA-256 is checked first.
+Any UTF-8 text file trains (read_text). Two known texts are fetched with their SHA-256
+checked: `python data.py` (what `make data` runs) puts the Cervantes corpus at CORPUS_FILE,
+`python data.py tinyshakespeare` (`make shakespeare`) puts Tiny Shakespeare at its file; each
+copies the file that its environment variable names, else downloads its pinned URL.
 """
 
 import hashlib
@@ -16,59 +18,116 @@ import numpy as np
 
 from common import UserError, atomic_write, run_main
 
-CORPUS_FILE = "novelas_ejemplares.txt"
-CORPUS_SHA256 = "caa24472d59281c1168ad4c2362b6ea0da75ba68c31f7bffc3ca38c094591528"
-CORPUS_URL = ("https://raw.githubusercontent.com/luis-gnz11/nanogpt-haiku/"
-              "598b6912442c20213bfc1a9f387da4f1d1027f8e/novelas_ejemplares.txt")
-TRAIN_FRACTION = 0.9  # first 90% trains, the last 10% (the end of the book) validates
+
+class KnownText(NamedTuple):
+    file: str    # where `python data.py NAME` puts it
+    sha256: str
+    url: str     # pinned to a commit: the bytes never change
+    env: str     # environment variable naming a local copy, copied instead of downloading
+    command: str  # the command that fetches it, for messages
 
 
-def _check_sha256(raw: bytes, origin: str) -> None:
+TEXTS = {
+    "novelas": KnownText(
+        "novelas_ejemplares.txt",
+        "caa24472d59281c1168ad4c2362b6ea0da75ba68c31f7bffc3ca38c094591528",
+        "https://raw.githubusercontent.com/luis-gnz11/nanogpt-haiku/"
+        "598b6912442c20213bfc1a9f387da4f1d1027f8e/novelas_ejemplares.txt",
+        "NOVELAS_EJEMPLARES", "make data"),
+    "tinyshakespeare": KnownText(  # Karpathy's char-rnn input.txt, nanoGPT's shakespeare_char
+        "tinyshakespeare.txt",
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+        "https://raw.githubusercontent.com/karpathy/char-rnn/"
+        "6f9487a6fe5b420b7ca9afb0d7c078e37c1d1b4e/data/tinyshakespeare/input.txt",
+        "TINYSHAKESPEARE", "make shakespeare"),
+}
+CORPUS_FILE = TEXTS["novelas"].file
+CORPUS_SHA256 = TEXTS["novelas"].sha256
+CORPUS_URL = TEXTS["novelas"].url
+TRAIN_FRACTION = 0.9  # first 90% trains, the last 10% (the end of the text) validates
+BYTE_ORDER_MARK = "\ufeff"
+
+
+def _known(path: str) -> KnownText | None:
+    """The known text that `path` is the fetched file of (same place), if any."""
+    for text in TEXTS.values():
+        if os.path.abspath(path) == os.path.abspath(text.file):
+            return text
+    return None
+
+
+def _check_sha256(raw: bytes, origin: str, known: KnownText) -> None:
     digest = hashlib.sha256(raw).hexdigest()
-    if digest != CORPUS_SHA256:
+    if digest != known.sha256:
         raise UserError(
-            f"{origin} is not the expected corpus: its SHA-256 is {digest}, expected "
-            f"{CORPUS_SHA256}. Delete it and run `make data` to fetch the right file.")
+            f"{origin} is not the expected {known.file}: its SHA-256 is {digest}, expected "
+            f"{known.sha256}. Delete it and run `{known.command}` to fetch the right file.")
 
 
-def load_corpus(path: str = CORPUS_FILE, check_sha256: bool = True) -> str:
-    """The corpus text, read as UTF-8 after checking its SHA-256 (skip that for other texts)."""
+def normalize(text: str) -> str:
+    """The text as the model reads it: without a leading byte-order mark, and with Windows
+    (CRLF) and old Mac (CR) line endings as "\\n", so that a file trains, evaluates and
+    samples the same whichever editor saved it (Python's universal newlines)."""
+    return text.removeprefix(BYTE_ORDER_MARK).replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_text(path: str) -> str:
+    """A UTF-8 text file, normalized. The fetched file of a known text (novelas_ejemplares.txt,
+    tinyshakespeare.txt in this folder) has its SHA-256 checked; any other file is the user's.
+    UserError, naming the file and what to do, if it is missing, unreadable, not UTF-8 or
+    empty."""
+    known = _known(path)
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
-        raise UserError(f"corpus {path!r} not found: run `make data` to fetch it.") from None
+        fetch = f": run `{known.command}` to fetch it" if known else ""
+        raise UserError(f"text file {path!r} not found{fetch}.") from None
     except OSError as e:
-        raise UserError(f"cannot read corpus {path!r}: {e.strerror}.") from None
-    if check_sha256:
-        _check_sha256(raw, path)
+        raise UserError(f"cannot read text file {path!r}: {e.strerror}.") from None
+    if known:
+        _check_sha256(raw, path, known)
     try:
-        return raw.decode("utf-8")
+        text = normalize(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise UserError(f"{path!r} is not UTF-8 text ({e}).") from None
+        raise UserError(
+            f"{path!r} is not UTF-8 text: byte {e.start} is {raw[e.start:e.start + 1]!r} "
+            f"({e.reason}). Convert it first, e.g. `iconv -f latin1 -t utf-8 {path} > "
+            f"{os.path.splitext(path)[0]}.utf8.txt` for Latin-1.") from None
+    if not text:
+        raise UserError(f"{path!r} is empty: there is nothing to learn from. Pass a text "
+                        "file with at least a few thousand characters.")
+    return text
 
 
-def fetch_corpus(dest: str = CORPUS_FILE) -> str:
-    """Copies $NOVELAS_EJEMPLARES or downloads CORPUS_URL to `dest`, checked and atomic."""
-    source = os.environ.get("NOVELAS_EJEMPLARES")
+def load_corpus(path: str = CORPUS_FILE) -> str:
+    """The Cervantes corpus (or any text at `path`): read_text."""
+    return read_text(path)
+
+
+def fetch(name: str, dest: str | None = None) -> str:
+    """Copies $ENV or downloads the pinned URL of known text `name` to `dest` (default: its
+    file), checked and atomic; returns where it came from."""
+    known = TEXTS[name]
+    source = os.environ.get(known.env)
     if source:
         try:
             with open(source, "rb") as f:
                 raw = f.read()
         except OSError as e:
-            raise UserError(f"cannot read NOVELAS_EJEMPLARES={source!r}: {e}.") from None
-        origin = f"NOVELAS_EJEMPLARES={source!r}"
+            raise UserError(f"cannot read {known.env}={source!r}: {e}.") from None
+        origin = f"{known.env}={source!r}"
     else:
         try:
-            with urllib.request.urlopen(CORPUS_URL, timeout=60) as response:
+            with urllib.request.urlopen(known.url, timeout=60) as response:
                 raw = response.read()
         except OSError as e:
             raise UserError(
-                f"download of {CORPUS_URL} failed ({e}). Set NOVELAS_EJEMPLARES to a local "
-                f"copy of the corpus and run `make data` again.") from None
-        origin = f"the download from {CORPUS_URL}"
-    _check_sha256(raw, origin)
-    atomic_write(dest, raw)
+                f"download of {known.url} failed ({e}). Set {known.env} to a local copy of "
+                f"{known.file} and run `{known.command}` again.") from None
+        origin = f"the download from {known.url}"
+    _check_sha256(raw, origin, known)
+    atomic_write(dest or known.file, raw)
     return origin
 
 
@@ -103,6 +162,27 @@ def split(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(train, val): the first TRAIN_FRACTION of the ids, and the rest."""
     n = int(TRAIN_FRACTION * len(ids))
     return ids[:n], ids[n:]
+
+
+def check_splits(path: str, num_chars: int, train_window: int, val_window: int) -> None:
+    """UserError, naming the file and what to do, unless its training split holds one
+    training window (train_window characters: the inputs and the one after) and its
+    validation split one evaluation window (val_window characters)."""
+    def sizes(n: int) -> tuple[int, int]:
+        return int(TRAIN_FRACTION * n), n - int(TRAIN_FRACTION * n)
+
+    num_train, num_val = sizes(num_chars)
+    if num_train >= train_window and num_val >= val_window:
+        return
+    needed = next(n for n in range(num_chars, 100 * (train_window + val_window))
+                  if sizes(n)[0] >= train_window and sizes(n)[1] >= val_window)
+    name, size, window = (("training split (the first 90%)", num_train, train_window)
+                          if num_train < train_window else
+                          ("validation split (the last 10%)", num_val, val_window))
+    raise UserError(
+        f"{path!r} is too short: {num_chars:,} characters, so its {name} holds {size:,}, "
+        f"fewer than one window of {window:,}. Use a text of at least {needed:,} "
+        f"characters, or a smaller --max_seq_len.")
 
 
 def sample_batch(key: jax.Array, ids: jax.Array, batch_size: int, seq_len: int):
@@ -160,15 +240,19 @@ def eval_windows(ids: np.ndarray, seq_len: int, every: int = 1) -> Windows:
 
 
 def main(argv) -> int:
-    if argv:
-        raise UserError(f"data.py takes no arguments (got {' '.join(argv)}); it reads "
-                        "NOVELAS_EJEMPLARES from the environment.")
-    if os.path.exists(CORPUS_FILE):
-        load_corpus(CORPUS_FILE)  # raises if it is not the right file
-        print(f"{CORPUS_FILE}: present, SHA-256 verified")
+    if len(argv) > 1 or (argv and argv[0] not in TEXTS):
+        raise UserError(f"usage: python data.py [NAME], NAME one of {', '.join(TEXTS)} "
+                        f"(default novelas); got {' '.join(argv)}. A local copy is taken from "
+                        "the environment variable " + ", ".join(
+                            f"{t.env} ({n})" for n, t in TEXTS.items()) + ".")
+    name = argv[0] if argv else "novelas"
+    known = TEXTS[name]
+    if os.path.exists(known.file):
+        read_text(known.file)  # raises if it is not the right file
+        print(f"{known.file}: present, SHA-256 verified")
         return 0
-    origin = fetch_corpus(CORPUS_FILE)
-    print(f"{CORPUS_FILE}: written from {origin}, SHA-256 verified", file=sys.stderr)
+    origin = fetch(name)
+    print(f"{known.file}: written from {origin}, SHA-256 verified", file=sys.stderr)
     return 0
 
 
