@@ -3,7 +3,7 @@
 PYTHON := .venv/bin/python
 VENV := .venv/requirements.installed
 
-.PHONY: venv data generate train eval bench test
+.PHONY: venv data shakespeare generate train eval bench test
 
 # The venv is made once; a changed requirements.txt reinstalls (the stamp is a copy of it).
 $(VENV): requirements.txt
@@ -15,6 +15,10 @@ venv: $(VENV)
 
 data: $(VENV)
 	$(PYTHON) data.py
+
+# Tiny Shakespeare (char-rnn's input.txt, checksum checked): `make train ARGS=--preset=shakespeare`.
+shakespeare: $(VENV)
+	$(PYTHON) data.py tinyshakespeare
 
 generate: $(VENV)
 	$(PYTHON) generate.py $(ARGS)

@@ -51,6 +51,9 @@ class Config(NamedTuple):
     num_samples: int = 8          # streams for the batch sampling figure
     params: str = ""              # sample from this params file (default: random init)
     generate_chars: int = 100_000  # a streaming params file: generate.py's run, end to end
+    prefill_lengths: str = "1000,10000,100000,1030979"  # a streaming model: contexts read
+                                  # (the last: the corpus's length)
+    prefill_chunk: int = 0        # characters per prefill call (0: generate.PREFILL_CHUNK)
     preset: str = ""              # train.py's preset: its HPARAMS, batch size and optimizer
     optimizer: str = ""           # train.py's --optimizer ("": the preset's, else adamw)
     torch_python: str = ""        # a Python with torch: also run the PyTorch yardstick
@@ -101,8 +104,8 @@ def bench_ceilings(config, hp) -> dict:
 def flops_per_token(hp, vocab_size: int) -> float:
     embeddings = vocab_size * hp.d_model + hp.max_seq_len * hp.d_model
     params = transformer.param_count(hp, vocab_size) - embeddings
-    num_layers = hp.decoder_N + (2 * hp.encoder_N if hp.use_encoder else 0)
-    return 6 * params + 12 * num_layers * hp.max_seq_len * hp.d_model
+    num_attention = sum(map(len, transformer.attention_blocks(hp).values()))
+    return 6 * params + 12 * num_attention * hp.max_seq_len * hp.d_model
 
 
 def train_config_of(config: Config):
@@ -196,6 +199,32 @@ def bench_sample(config, hp) -> dict:
     return out
 
 
+def bench_prefill(config, hp) -> dict:
+    """A streaming model reading a context (Sampler.start, one stream) of each of
+    prefill_lengths characters, shortest first, in one process: characters/s, and the peak
+    resident memory so far after each, which stays flat if memory does not grow with the
+    context's length. The ids are seeded random: the cost does not depend on them."""
+    import generate
+
+    params, hp, vocab_size = _sampling_params(config, hp)
+    if not transformer.streams(hp):
+        return {}
+    params = kernels.add_transposed_weights(jax.device_put(params))
+    sampler = generate.Sampler(hp, vocab_size,
+                               prefill_chunk=config.prefill_chunk or generate.PREFILL_CHUNK)
+    lengths = sorted(int(n) for n in config.prefill_lengths.split(","))
+    ids = np.random.default_rng(0).integers(0, vocab_size, max(lengths), dtype=np.int32)
+    sampler.start(params, ids[:1], 1).logits.block_until_ready()  # compile
+    out = {"prefill_chunk": sampler.prefill_chunk_size}
+    for n in lengths:
+        start = time.perf_counter()
+        sampler.start(params, ids[:n], 1).logits.block_until_ready()
+        out[f"prefill_{n}_chars_per_s"] = n / (time.perf_counter() - start)
+        out[f"prefill_{n}_peak_rss_mb"] = (
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return out
+
+
 def bench_generate(config, hp) -> dict:
     """A streaming model's `generate.py --num_chars=N` end to end (start-up, compiling and
     printing included), for N = generate_chars / 5 and generate_chars: chars/s and peak
@@ -241,7 +270,7 @@ def bench_torch(config, hp) -> dict:
 
 
 SECTIONS = {"ceilings": bench_ceilings, "train": bench_train, "torch": bench_torch,
-            "sample": bench_sample, "generate": bench_generate}
+            "sample": bench_sample, "prefill": bench_prefill, "generate": bench_generate}
 
 
 def run_section(name: str, argv) -> dict:
@@ -278,6 +307,15 @@ def main(argv) -> int:
         transformer.validate(hp)
     except ValueError as e:
         raise UserError(str(e)) from None
+    try:
+        lengths = [int(n) for n in config.prefill_lengths.split(",")]
+    except ValueError:
+        lengths = [0]
+    if min(lengths) < 1:
+        raise UserError(f"--prefill_lengths={config.prefill_lengths!r}: comma-separated "
+                        "context lengths >= 1.")
+    if config.prefill_chunk < 0:
+        raise UserError(f"--prefill_chunk={config.prefill_chunk}: >= 1 (0: the default).")
     if hp.max_seq_len < 2:
         raise UserError("bench.py times cached sampling steps after a 1-character context: "
                         "it needs --max_seq_len >= 2.")
@@ -375,6 +413,12 @@ def print_table(r: dict, hp, config) -> None:
                      f"{r['generate_short_peak_rss_mb']:.0f} MB at "
                      f"{config.generate_chars // 5:,} chars, "
                      f"{r['generate_long_peak_rss_mb']:.0f} MB at {config.generate_chars:,}"))
+    for n in sorted(int(n) for n in config.prefill_lengths.split(",")):
+        if f"prefill_{n}_chars_per_s" in r:
+            rows.append((f"prefill, a context of {n:,} chars",
+                         f"{r[f'prefill_{n}_chars_per_s']:.0f} chars/s, peak RSS "
+                         f"{r[f'prefill_{n}_peak_rss_mb']:.0f} MB so far (chunks of "
+                         f"{r['prefill_chunk']})"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

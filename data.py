@@ -239,6 +239,24 @@ def eval_windows(ids: np.ndarray, seq_len: int, every: int = 1) -> Windows:
     return Windows(inputs, targets, weights.reshape(num_windows, seq_len)[::every])
 
 
+def put(array: np.ndarray, sharding: jax.sharding.Sharding | None = None) -> jax.Array:
+    """A host array on the device(s), each device (of every process) taking its shard."""
+    if sharding is None:
+        return jnp.asarray(array)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def batch_windows(windows: Windows, batch_size: int,
+                  sharding: jax.sharding.Sharding | None = None) -> Windows:
+    """Windows as device arrays [NB, batch_size, T], the last batch padded with zero weight;
+    with `sharding` (over the batch axis), each batch is split across devices."""
+    num = len(windows.inputs)
+    pad = -num % batch_size
+    return Windows(*(
+        put(np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)]).reshape(
+            -1, batch_size, *a.shape[1:]), sharding) for a in windows))
+
+
 def main(argv) -> int:
     if len(argv) > 1 or (argv and argv[0] not in TEXTS):
         raise UserError(f"usage: python data.py [NAME], NAME one of {', '.join(TEXTS)} "

@@ -1,11 +1,15 @@
-"""Evaluation and sampling config, loading a params file, and honest full-split losses.
+"""Evaluation config, loading a params file, and honest full-split losses.
 
 `python eval.py [--field=value ...]` prints one `name: value` line per metric for a params
-file: the mean cross-entropy over the whole validation split in fixed, non-overlapping
-EVAL_SEQ_LEN-character windows (every character after the first predicted exactly once), the
-same on as many windows spread over the training split, bits per character, size and step.
-For a streaming model also val_loss_stream: every validation character predicted with all
-the validation text before it, as its sampler would (one pass through the window).
+file and a text (by default the one it was trained on): the mean cross-entropy over the whole
+validation split in fixed, non-overlapping EVAL_SEQ_LEN-character windows (every character
+after the first predicted exactly once), the same on as many windows spread over the training
+split, bits per character, size and step. For a streaming model also val_loss_stream: every
+validation character predicted with all the validation text before it, as its sampler would
+(one pass through the window). For a model that reads 256 characters, val_loss_256: nanoGPT's
+shakespeare_char measure (its estimate_loss: 256-character windows, every position counted)
+over non-overlapping windows covering the whole validation split, the expectation of its
+random batches, so that a Tiny Shakespeare model stands beside nanoGPT's published loss.
 """
 
 import math
@@ -24,21 +28,19 @@ import data
 import transformer
 from common import UserError, parse_overrides, run_main
 
-# The shipped params: `python train.py --preset=cpu`'s best validation, without optimizer state.
-DEFAULT_PARAMS = "params/params.4ac43463b21d4fc7a7051fc5.pkl.min_val.pkl"
+# The shipped params, by the preset that trained them: each run's best validation params,
+# without optimizer state. Cervantes' are every script's default.
+SHIPPED_PARAMS = {"cpu": "params/params.4ac43463b21d4fc7a7051fc5.pkl.min_val.pkl",
+                  "shakespeare": "params/params.c408aa516e474980b0aae3f8.pkl.min_val.pkl"}
+DEFAULT_PARAMS = SHIPPED_PARAMS["cpu"]
 EVAL_SEQ_LEN = 128  # the project's metric: windows of 128 characters, whatever max_seq_len
+NANOGPT_SEQ_LEN = 256  # nanoGPT's shakespeare_char block_size: val_loss_256
 
 
 class Config(NamedTuple):
-    params: str = DEFAULT_PARAMS             # params file to evaluate or sample from
-    prng_seed: int | None = None             # sampling seed; None: the current UNIX time
-    context_file: str = "eval_context.txt"   # text the samples continue (UTF-8)
-    context: str | None = None               # that text inline, instead of context_file
-    num_chars: int | None = None             # characters to sample; None: until Ctrl-C
-    temperature: float = 1.0                 # divides the logits: < 1 sharper, > 1 flatter
-    top_k: int | None = None                 # sample among the k likeliest characters only
-    num_samples: int = 1                     # independent streams sampled together
-    source_file: str = data.CORPUS_FILE      # corpus for eval.py's losses
+    params: str = DEFAULT_PARAMS             # params file to evaluate
+    source_file: str | None = None           # text for the losses (None: the one the params
+                                             # file was trained on, else the corpus)
     eval_batch_size: int = 32                # windows per step of the evaluation lax.map
 
 
@@ -50,9 +52,9 @@ def load_params(path: str) -> checkpoint.Checkpoint:
     try:
         return checkpoint.load(path)
     except checkpoint.CheckpointError:
-        if path == DEFAULT_PARAMS:
+        if path in SHIPPED_PARAMS.values():
             raise checkpoint.CheckpointError(
-                f"the shipped params file {DEFAULT_PARAMS!r} is missing or unreadable (an "
+                f"the shipped params file {path!r} is missing or unreadable (an "
                 "incomplete checkout?). Restore it with `git checkout -- params`, or train a "
                 "model (`python train.py --preset=cpu`) and pass its file: "
                 "--params=params/params.<run hash>.pkl.min_val.pkl") from None
@@ -74,24 +76,6 @@ def make_window_loss(model: hk.Transformed):
         return jnp.sum(losses), jnp.sum(batches.weights)
 
     return window_loss
-
-
-def put(array: np.ndarray, sharding: jax.sharding.Sharding | None = None) -> jax.Array:
-    """A host array on the device(s), each device (of every process) taking its shard."""
-    if sharding is None:
-        return jnp.asarray(array)
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
-
-
-def batch_windows(windows: data.Windows, batch_size: int,
-                  sharding: jax.sharding.Sharding | None = None) -> data.Windows:
-    """Windows as device arrays [NB, batch_size, T], the last batch padded with zero weight;
-    with `sharding` (over the batch axis), each batch is split across devices."""
-    num = len(windows.inputs)
-    pad = -num % batch_size
-    return data.Windows(*(
-        put(np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)]).reshape(
-            -1, batch_size, *a.shape[1:]), sharding) for a in windows))
 
 
 def mean_loss(window_loss, params, batches: data.Windows) -> float:
@@ -123,24 +107,46 @@ def split_windows(ids: np.ndarray, seq_len: int) -> tuple[data.Windows, data.Win
     return data.Windows(*(a[: len(val.inputs)] for a in train)), val
 
 
+def source_file(ckpt: checkpoint.Checkpoint, config: Config) -> str:
+    """The text to evaluate on: config.source_file, else the params file's training text."""
+    if config.source_file is not None:
+        return config.source_file
+    return ckpt.meta.get("config", {}).get("source_file") or data.CORPUS_FILE
+
+
+def reads(hp: transformer.HParams, length: int) -> bool:
+    """Whether the model takes `length` positions in one pass."""
+    return transformer.streams(hp) or hp.max_seq_len >= length
+
+
 def evaluate(ckpt: checkpoint.Checkpoint, config: Config) -> dict:
     """The metrics that `python eval.py` prints."""
-    ids = data.encode(data.load_corpus(config.source_file), ckpt.vocab)
+    path = source_file(ckpt, config)
+    text = data.read_text(path)
     seq_len = min(EVAL_SEQ_LEN, ckpt.hparams.max_seq_len)
+    data.check_splits(path, len(text), seq_len + 1, seq_len + 1)
+    try:
+        ids = data.encode(text, ckpt.vocab)
+    except UserError as e:
+        raise UserError(f"{path!r}: {e} Is it the text this model was trained on?") from None
     train, val = split_windows(ids, seq_len)
     model = transformer.build(ckpt.hparams, len(ckpt.vocab))
     window_loss = make_window_loss(model)
     params = jax.device_put(ckpt.params)
-    val_loss = mean_loss(window_loss, params, batch_windows(val, config.eval_batch_size))
-    train_loss = mean_loss(window_loss, params, batch_windows(train, config.eval_batch_size))
-    stream = {}
+    val_loss = mean_loss(window_loss, params, data.batch_windows(val, config.eval_batch_size))
+    train_loss = mean_loss(window_loss, params, data.batch_windows(train, config.eval_batch_size))
+    extra = {}
+    _, val_ids = data.split(ids)
     if transformer.streams(ckpt.hparams):  # one pass over the whole split through the window
-        _, val_ids = data.split(ids)
         stream_loss = make_stream_loss(model)
-        stream["val_loss_stream"] = round(float(stream_loss(params, jnp.asarray(val_ids))), 4)
+        extra["val_loss_stream"] = round(float(stream_loss(params, jnp.asarray(val_ids))), 4)
+    if reads(ckpt.hparams, NANOGPT_SEQ_LEN):
+        windows = data.eval_windows(val_ids, NANOGPT_SEQ_LEN)
+        extra["val_loss_256"] = round(mean_loss(
+            window_loss, params, data.batch_windows(windows, config.eval_batch_size)), 4)
     return {
         "val_loss": round(val_loss, 4),
-        **stream,
+        **extra,
         "val_bpc": round(val_loss / math.log(2), 4),
         "train_loss": round(train_loss, 4),
         "train_bpc": round(train_loss / math.log(2), 4),
@@ -148,6 +154,7 @@ def evaluate(ckpt: checkpoint.Checkpoint, config: Config) -> dict:
         "step": ckpt.meta.get("step"),
         "eval_seq_len": seq_len,
         "val_chars": int(val.weights.sum()),
+        "source_file": path,
     }
 
 

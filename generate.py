@@ -13,7 +13,9 @@ Two kinds of model, two ways to be exact:
   sees the last W positions of its layer, and rotary scores depend on relative positions, so
   a key once cached stays valid for as long as a query can see it. Every character is one
   cached step through ring buffers of W positions (kv_cache.RingCache), forever, and the text
-  equals one full forward pass over the whole text.
+  equals one full forward pass over the whole text. The context, of any length, is read
+  through the same rings PREFILL_CHUNK characters at a time: O(length x W) time, and memory
+  independent of its length.
 Each path is a jitted scan over a chunk of characters, with static shapes.
 
 Character i of a stream is drawn with the key fold_in(key, i), so the text depends only on the
@@ -34,9 +36,28 @@ import kernels
 import kv_cache
 import transformer
 from common import StopRequest, UserError, parse_overrides, run_main
-from eval import CONFIG, load_params
+from eval import DEFAULT_PARAMS, load_params
+
+
+class Config(NamedTuple):
+    params: str = DEFAULT_PARAMS             # params file to sample from
+    prng_seed: int | None = None             # sampling seed; None: the current UNIX time
+    context_file: str = "eval_context.txt"   # text the samples continue (UTF-8)
+    context: str | None = None               # that text inline, instead of context_file
+    num_chars: int | None = None             # characters to sample; None: until Ctrl-C
+    temperature: float = 1.0                 # divides the logits: < 1 sharper, > 1 flatter
+    top_k: int | None = None                 # sample among the k likeliest characters only
+    top_p: float | None = None               # then among the fewest likeliest that hold p of
+                                             # the probability (nucleus)
+    min_p: float | None = None               # then among those at least min_p times as
+                                             # likely as the likeliest
+    num_samples: int = 1                     # independent streams sampled together
+
+
+CONFIG = Config()
 
 CHUNK = 16  # characters per jitted call: fewer dispatches, still streams smoothly
+PREFILL_CHUNK = 256  # context characters per jitted call of a streaming model's prefill
 
 # On the CPU, matmuls without XLA's YNNPACK kernels (kept for reductions): those ran the shipped
 # model's 128 x 192 x 576 matmuls slower. Past the window it samples at 262 against 214 chars/s
@@ -45,28 +66,53 @@ CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_
 
 
 def sample_logits(key: jax.Array, logits: jax.Array, temperature: float,
-                  top_k: int | None) -> jax.Array:
-    """One character id per row of logits [B, V], drawn after temperature and top-k."""
-    return pick(logits, jax.random.gumbel(key, logits.shape), temperature, top_k)
+                  top_k: int | None, top_p: float | None = None,
+                  min_p: float | None = None) -> jax.Array:
+    """One character id per row of logits [B, V], drawn by the rule of `pick`."""
+    return pick(logits, jax.random.gumbel(key, logits.shape), temperature, top_k, top_p, min_p)
 
 
-def pick(logits: jax.Array, noise: jax.Array, temperature: float,
-         top_k: int | None) -> jax.Array:
+def pick(logits: jax.Array, noise: jax.Array, temperature: float, top_k: int | None,
+         top_p: float | None = None, min_p: float | None = None) -> jax.Array:
     """sample_logits with its Gumbel noise [B, V] drawn beforehand: the argmax of logits plus
-    noise is jax.random.categorical's draw, id for id."""
-    logits = logits.astype(jnp.float32) / temperature
+    noise is jax.random.categorical's draw, id for id.
+
+    The rule, in this order, each step on what the one before left: divide the logits by
+    `temperature`; keep the `top_k` likeliest characters; keep the smallest set of the
+    likeliest whose probability reaches `top_p` (nucleus); keep those at least `min_p` times
+    as likely as the likeliest. Characters tied at a cut stay in.
+    """
+    logits = logits.astype(jnp.float32) / temperature                   # [B, V]
     if top_k is not None and top_k < logits.shape[-1]:
         kth_largest = jax.lax.top_k(logits, top_k)[0][:, -1:]           # [B, 1]
         logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
+    if top_p is not None and top_p < 1:
+        probs = jnp.sort(jax.nn.softmax(logits), axis=-1)[:, ::-1]       # [B, V] descending
+        before = jnp.cumsum(probs, axis=-1) - probs                      # mass of the likelier
+        kept = jnp.sum(before < top_p, axis=-1, keepdims=True)          # [B, 1] >= 1
+        last = jnp.take_along_axis(probs, kept - 1, axis=-1)             # the least kept
+        logits = jnp.where(jax.nn.softmax(logits) < last, -jnp.inf, logits)
+    if min_p is not None and min_p > 0:
+        floor = jnp.max(logits, axis=-1, keepdims=True) + jnp.log(min_p)  # p >= min_p * p_max
+        logits = jnp.where(logits < floor, -jnp.inf, logits)
     return jnp.argmax(logits + noise, axis=-1).astype(jnp.int32)        # [B]
+
+
+def empty_cache(hp: transformer.HParams, batch_size: int) -> dict:
+    """Empty caches for every attention block of the model: ring buffers of W positions for a
+    streaming model, else max_seq_len slots."""
+    streaming = transformer.streams(hp)
+    return kv_cache.init_cache(transformer.attention_blocks(hp), batch_size, hp.h,
+                               hp.d_model // hp.h,
+                               hp.attention_window if streaming else hp.max_seq_len, streaming)
 
 
 class SamplerState(NamedTuple):
     window: jax.Array   # [B, S] int32: the last `length` characters, left-aligned (a streaming
-                        # model: the context, unused after the prefill)
+                        # model: unused, [B, 1])
     length: jax.Array   # [] int32: characters in the window, 1..S (streaming: in the text)
-    cache: tuple        # KVCache (streaming: RingCache) per attention block, ChunkCache
-                        # within a chunk; a KVCache is unused once the window is full
+    cache: dict         # {layer: {block: KVCache (streaming: RingCache)}}, ChunkCaches
+                        # within a chunk; KVCaches are unused once the window is full
     logits: jax.Array   # [B, V] for the next character
 
 
@@ -79,14 +125,18 @@ class Sampler:
     """
 
     def __init__(self, hparams: transformer.HParams, vocab_size: int,
-                 temperature: float = 1.0, top_k: int | None = None, chunk: int = CHUNK):
+                 temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, min_p: float | None = None, chunk: int = CHUNK,
+                 prefill_chunk: int = PREFILL_CHUNK):
         self.hp, self.vocab_size, self.chunk = hparams, vocab_size, chunk
+        self.prefill_chunk_size = prefill_chunk
         self.streaming = transformer.streams(hparams)
         self.model = transformer.build_cached(hparams, vocab_size)
         self.full = transformer.build(hparams, vocab_size)  # once the window is full
-        self.temperature, self.top_k = temperature, top_k
+        self.rule = (temperature, top_k, top_p, min_p)  # pick's
         options = CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
         self.prefill = jax.jit(self._forward, compiler_options=options)
+        self.prefill_chunk = jax.jit(self._prefill_chunk, compiler_options=options)
         self.sample_chunk = jax.jit(self._sample_chunk, static_argnames="cached",
                                     compiler_options=options)
         self.draw_noise = jax.jit(self._draw_noise, static_argnames=("size", "num_samples"))
@@ -95,6 +145,16 @@ class Sampler:
         """Full pass over the window [B, S]: logits at position length-1, cache of all."""
         logits, cache = self.model.apply(params, None, window, cache, 0)  # [B, S, V]
         return jax.lax.dynamic_index_in_dim(logits, length - 1, 1, keepdims=False), cache
+
+    def _prefill_chunk(self, params, tokens, cache, start, end):
+        """A streaming model reads context positions start..start+C-1 (tokens [B, C]; those
+        from `end` on are padding) through its RingCaches -> (logits [B, V] at position
+        end - 1, if in this chunk, cache)."""
+        logits, cache = self.model.apply(params, None, tokens,
+                                         kv_cache.start_prefill(cache, end), start)  # [B, C, V]
+        last = jnp.clip(end - 1 - start, 0, tokens.shape[1] - 1)
+        return (jax.lax.dynamic_index_in_dim(logits, last, 1, keepdims=False),
+                kv_cache.end_prefill(cache))
 
     def _cached_step(self, params, state: SamplerState, token: jax.Array) -> SamplerState:
         """Appends token [B] at position `length` (< S): one position through the model."""
@@ -135,7 +195,7 @@ class Sampler:
                                                               len(noise)))
 
         def body(state, noise):
-            token = pick(state.logits, noise, self.temperature, self.top_k)     # [B]
+            token = pick(state.logits, noise, *self.rule)                      # [B]
             return step(params, state, token), token
 
         state, tokens = jax.lax.scan(body, state, noise)                 # noise [size, B, V]
@@ -144,15 +204,27 @@ class Sampler:
         return state, tokens.T
 
     def start(self, params, context_ids: np.ndarray, num_samples: int) -> SamplerState:
-        """The state after reading the context's last max_seq_len ids (a streaming model: all
-        of them; at least one)."""
-        S = len(context_ids) if self.streaming else self.hp.max_seq_len
-        context_ids = np.asarray(context_ids, np.int32)[-S:]
+        """The state after reading the context's last max_seq_len ids in one pass or, for a
+        streaming model, all of them, prefill_chunk at a time (memory independent of the
+        context's length); at least one id."""
+        context_ids = np.asarray(context_ids, np.int32)
         assert len(context_ids) >= 1, "the context needs at least one character"
+        cache = empty_cache(self.hp, num_samples)
+        if self.streaming:
+            n, C = len(context_ids), self.prefill_chunk_size
+            padded = np.zeros(-(-n // C) * C, np.int32)
+            padded[:n] = context_ids
+            for start in range(0, n, C):
+                chunk = jnp.asarray(np.tile(padded[start:start + C], (num_samples, 1)))
+                logits, cache = self.prefill_chunk(params, chunk, cache, np.int32(start),
+                                                   np.int32(n))
+            window = jnp.zeros((num_samples, 1), jnp.int32)  # unused: the rings hold it all
+            return SamplerState(window, jnp.int32(n), cache, logits)
+        S = self.hp.max_seq_len
+        context_ids = context_ids[-S:]
         window = np.zeros((num_samples, S), np.int32)
         window[:, : len(context_ids)] = context_ids
         length = jnp.int32(len(context_ids))
-        cache = kv_cache.init_cache(self.hp, num_samples)
         logits, cache = self.prefill(params, jnp.asarray(window), cache, length)
         return SamplerState(jnp.asarray(window), length, cache, logits)
 
@@ -202,22 +274,31 @@ class Sampler:
 
 
 def read_context(config, vocab: str) -> tuple[str, np.ndarray]:
-    """The context text (config.context, else the file config.context_file) and its ids; an
-    empty context starts from a newline."""
+    """The context text (config.context, else the file config.context_file), normalized as
+    training reads text (data.normalize), and its ids; an empty context starts from a
+    newline. The default file is Cervantes: for a model of another text that lacks some of
+    its characters, sampling starts from a newline (or the vocabulary's first character)
+    instead, with a note on stderr."""
     where = "--context"
     if config.context is not None:
         text = config.context
     else:
         where = f"context file {config.context_file!r}"
         try:
-            with open(config.context_file, encoding="utf-8") as f:
+            with open(config.context_file, encoding="utf-8", newline="") as f:
                 text = f.read()
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read {where}: {e}.") from None
-    text = text or "\n"
+    text = data.normalize(text) or "\n"
     try:
         return text, data.encode(text, vocab)
     except UserError as e:
+        if config.context is None and config.context_file == CONFIG.context_file:
+            start = "\n" if "\n" in vocab else vocab[0]
+            print(f"# the default {where} holds characters this model's text lacks: "
+                  f"sampling from {start!r} (pass --context or --context_file to choose)",
+                  file=sys.stderr)
+            return read_context(config._replace(context=start), vocab)
         raise UserError(f"{where}: {e} Remove them or use another context.") from None
 
 
@@ -226,6 +307,10 @@ def check_sampling_config(config) -> None:
         raise UserError(f"--temperature={config.temperature}: must be > 0.")
     if config.top_k is not None and config.top_k < 1:
         raise UserError(f"--top_k={config.top_k}: must be >= 1 (or None for no limit).")
+    if config.top_p is not None and not 0 < config.top_p <= 1:
+        raise UserError(f"--top_p={config.top_p}: must be in (0, 1] (or None for no limit).")
+    if config.min_p is not None and not 0 <= config.min_p <= 1:
+        raise UserError(f"--min_p={config.min_p}: must be in [0, 1] (or None for no limit).")
     if config.num_chars is not None and config.num_chars < 0:
         raise UserError(f"--num_chars={config.num_chars}: must be >= 0 (or None).")
     if config.num_samples < 1:
@@ -243,7 +328,8 @@ def main(argv) -> int:
     context, context_ids = read_context(config, ckpt.vocab)
     print(f"# devices {jax.devices()} | run {ckpt.meta.get('run_hash')} | seed {seed} | "
           f"{checkpoint.num_params(ckpt.params):,} params", file=sys.stderr)
-    sampler = Sampler(ckpt.hparams, len(ckpt.vocab), config.temperature, config.top_k)
+    sampler = Sampler(ckpt.hparams, len(ckpt.vocab), config.temperature, config.top_k,
+                      config.top_p, config.min_p)
     params = jax.device_put(ckpt.params)
     key = jax.random.PRNGKey(seed)
     try:

@@ -1,14 +1,14 @@
 """How the model's arithmetic runs fast on XLA (mostly XLA:CPU): none of it changes the math.
 
 transformer.py calls these in place of the plain JAX operations; each piece says why it is
-here, with the measurement behind it (README, "Benchmark", for the whole-model figures):
+here, with the measurement behind it (docs/benchmarks.md for the whole-model figures):
 
   matmul, einsum    bfloat16 operands with float32 accumulation, and gradient rules that
                     keep the backward matmuls in bfloat16 (JAX's own rules ran them at
                     float32 speed).
   Linear            hk.Linear by `matmul`; for single rows (sampling one stream), the
                     transposed copy "w_t" of add_transposed_weights, which XLA:CPU streams
-                    faster. single_rows_read_w_t switches that on for the cached model.
+                    faster, when the model passes read_w_t (the cached model does).
   fused_attention   jax.nn.dot_product_attention, XLA's fused softmax(q k) v, where no
                     attention weight is dropped.
   in_bands          windowed attention over a long sequence in W-blocks, each over its
@@ -19,7 +19,6 @@ here, with the measurement behind it (README, "Benchmark", for the whole-model f
 and which precision to train in: choose_compute_dtype.
 """
 
-import contextlib
 import functools
 
 import haiku as hk
@@ -155,50 +154,31 @@ def _low_precision_einsum_bwd(spec, residuals, g):
 _low_precision_einsum.defvjp(_low_precision_einsum_fwd, _low_precision_einsum_bwd)
 
 
-def cast_to_compute(*arrays: jax.Array) -> tuple[jax.Array, ...]:
-    """The arrays in the compute dtype of Linear's jmp policy (as they are without one)."""
-    policy = hk.mixed_precision.get_policy(Linear)
-    return arrays if policy is None else policy.cast_to_compute(arrays)
-
-
 # ---------------------------------------------------------------------------------------------
 # Linear, and transposed weights for single rows
-
-_single_rows_read_w_t = False
-
-
-@contextlib.contextmanager
-def single_rows_read_w_t():
-    """Within it (while a model is traced), a Linear given a single row x [1, I] with I > O
-    multiplies it by the weight's transposed copy "w_t" [O, I] (see add_transposed_weights).
-
-    XLA:CPU computes x @ w by streaming w's rows, and long rows stream faster: ff_out's w_t
-    has 1536-float rows where w has 384-float ones (22-28 against 15-16 GB/s; one-stream
-    sampling took 11-13% less time per character). With more rows it is a matrix product,
-    which ran slower on w_t (8 streams: 73 against 128 steps/s), so those read w.
-    """
-    global _single_rows_read_w_t
-    previous, _single_rows_read_w_t = _single_rows_read_w_t, True
-    try:
-        yield
-    finally:
-        _single_rows_read_w_t = previous
-
 
 class Linear(hk.Linear):
     """hk.Linear (same parameters and initializers, always a bias) computed by `matmul`.
 
     Under a jmp policy (see transformer.build's `compute_dtype`) Haiku casts the input and
     parameters to the compute dtype before this call and the output to float32 after it.
+
+    With read_w_t, a single row x [1, I] with I > O is multiplied by the weight's transposed
+    copy "w_t" [O, I] (see add_transposed_weights). XLA:CPU computes x @ w by streaming w's
+    rows, and long rows stream faster: ff_out's w_t has 1536-float rows where w has 384-float
+    ones (22-28 against 15-16 GB/s; one-stream sampling took 11-13% less time per character).
+    With more rows it is a matrix product, which ran slower on w_t (8 streams: 73 against 128
+    steps/s), so those read w.
     """
 
-    def __init__(self, output_size: int, name: str):
+    def __init__(self, output_size: int, name: str, read_w_t: bool = False):
         super().__init__(output_size, name=name)
+        self.read_w_t = read_w_t
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
         *batch, self.input_size = inputs.shape
         x = inputs.reshape(-1, self.input_size)                          # [M, I]
-        if (_single_rows_read_w_t and x.shape[0] == 1
+        if (self.read_w_t and x.shape[0] == 1
                 and _has_w_t(self.input_size, self.output_size)):
             w_t = hk.get_parameter("w_t", [self.output_size, self.input_size], inputs.dtype,
                                    init=_missing_w_t)
@@ -226,7 +206,7 @@ def _missing_w_t(shape, dtype):
 
 def add_transposed_weights(params: hk.Params) -> hk.Params:
     """params plus, for each Linear weight w [I, O] with I > O, its transpose "w_t" [O, I]:
-    what a single row reads under single_rows_read_w_t. Other models ignore them."""
+    what a single row of a Linear with read_w_t reads. Other models ignore them."""
     return {name: {**p, "w_t": jnp.transpose(p["w"])}
             if "w" in p and _has_w_t(*p["w"].shape) else p
             for name, p in params.items()}

@@ -3,8 +3,12 @@
 The data's path: the model's attention blocks project each new position to keys and values
 and hand them to their cache (`update`); the cache stores them and returns the blocks of keys
 and values that the new queries attend over (transformer.attend). generate.Sampler owns the
-caches: it makes them (init_cache), passes them through the model, and for a chunk of
-one-position steps swaps each for a ChunkCache (start_chunk ... end_chunk).
+caches: it makes them (init_cache: {layer: {block: cache}}, one per attention block), passes
+them through the model, for a chunk of one-position steps swaps each for a ChunkCache
+(start_chunk ... end_chunk), and reads a streaming model's context through them in chunks of
+one size, the last padded (start_prefill ... end_prefill), so that a context of any length
+costs the same memory. This module defines the caches and the keys and values they hold
+(KeysValues); it does not import the model that drives them.
 
 Two kinds, by model:
   KVCache    learned or sinusoidal positions: position p in slot p of max_seq_len slots.
@@ -19,9 +23,20 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-import transformer
-from transformer import NO_POSITION, KeysValues
+NO_POSITION = np.iinfo(np.int32).max  # the position of an empty cache slot: no query sees it
+
+
+class KeysValues(NamedTuple):
+    """Keys and values of S positions, in the layouts attention's matmuls read."""
+    k: jax.Array          # [B, H, K, S]
+    v: jax.Array          # [B, H, S, K]
+    positions: jax.Array  # [S] int32: each key's position (which queries see it: visible)
+
+    @staticmethod
+    def of(k: jax.Array, v: jax.Array, positions: jax.Array) -> "KeysValues":  # [B, S, H, K]
+        return KeysValues(k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), positions)
 
 
 def _zeros(batch_size, num_heads, key_size, length, dtype):
@@ -77,7 +92,8 @@ class RingCache(NamedTuple):
                          jnp.full((window,), NO_POSITION, jnp.int32))
 
     def append(self, new: KeysValues) -> "RingCache":
-        """`new`'s positions in their slots; of more than W, the last W."""
+        """`new`'s positions in their slots: of more than W, the last W; entries at
+        NO_POSITION (a padded chunk's, see PrefillCache) are not kept."""
         T, W = new.positions.shape[0], self.positions.shape[0]
         k, v = new.k.astype(self.k.dtype), new.v.astype(self.v.dtype)
         if T == 1:  # one slot: a dynamic_update_slice, which XLA does in place
@@ -86,11 +102,13 @@ class RingCache(NamedTuple):
                              jax.lax.dynamic_update_slice(self.v, v, (0, 0, slot, 0)),
                              jax.lax.dynamic_update_slice(self.positions, new.positions,
                                                           (slot,)))
-        last = min(T, W)
-        slots = new.positions[-last:] % W
-        return RingCache(self.k.at[..., slots].set(k[..., -last:]),
-                         self.v.at[:, :, slots].set(v[:, :, -last:]),
-                         self.positions.at[slots].set(new.positions[-last:]))
+        real = new.positions != NO_POSITION
+        newest = jnp.max(jnp.where(real, new.positions, -1))
+        keep = real & (new.positions > newest - W)           # the last W real positions
+        slots = jnp.where(keep, new.positions % W, W)        # W is out of range: dropped
+        return RingCache(self.k.at[..., slots].set(k, mode="drop"),
+                         self.v.at[:, :, slots].set(v, mode="drop"),
+                         self.positions.at[slots].set(new.positions, mode="drop"))
 
     def read(self, end=None) -> KeysValues:
         return KeysValues(self.k, self.v, self.positions)
@@ -119,30 +137,58 @@ class ChunkCache(NamedTuple):
             KeysValues(recent.k, recent.v, self.start + jnp.arange(recent.k.shape[-1])))
 
 
-def init_cache(hp: transformer.HParams, batch_size: int, dtype=jnp.float32) -> tuple:
-    """Empty caches for every attention block, in the order the model uses them: RingCaches
-    of attention_window positions for a streaming model, else KVCaches of max_seq_len."""
-    num_encoder = hp.encoder_N if hp.use_encoder else 0
-    num_blocks = num_encoder + hp.decoder_N + num_encoder  # encoder self, decoder self, cross
-    if transformer.streams(hp):
-        empty = lambda: RingCache.empty(batch_size, hp.h, hp.d_model // hp.h,
-                                        hp.attention_window, dtype)
-    else:
-        empty = lambda: KVCache.empty(batch_size, hp.h, hp.d_model // hp.h, hp.max_seq_len,
-                                      dtype)
-    return tuple(empty() for _ in range(num_blocks))
+class PrefillCache(NamedTuple):
+    """For reading a context in chunks of a fixed size through a RingCache (one compiled
+    shape for any length): the last chunk is padded, and its positions >= `end` are neither
+    seen by any query nor kept by the ring."""
+    cache: RingCache
+    end: jax.Array  # [] int32: the context's length
+
+    def update(self, new: KeysValues) -> tuple["PrefillCache", tuple[KeysValues, ...]]:
+        new = new._replace(positions=jnp.where(new.positions < self.end, new.positions,
+                                               NO_POSITION))
+        cache, blocks = self.cache.update(new)
+        return self._replace(cache=cache), blocks
 
 
-def start_chunk(cache: tuple, start, length: int) -> tuple[ChunkCache, ...]:
+def init_cache(blocks: dict[str, tuple[str, ...]], batch_size: int, num_heads: int,
+               key_size: int, length: int, ring: bool, dtype=jnp.float32) -> dict:
+    """Empty caches, {layer: {block: cache}} for the attention blocks `blocks` names
+    (transformer.attention_blocks): RingCaches of `length` = W positions for a streaming
+    model (ring), else KVCaches of `length` = max_seq_len."""
+    empty = RingCache.empty if ring else KVCache.empty
+    return {layer: {block: empty(batch_size, num_heads, key_size, length, dtype)
+                    for block in names}
+            for layer, names in blocks.items()}
+
+
+def _is_cache(x) -> bool:
+    return isinstance(x, (KVCache, RingCache, ChunkCache, PrefillCache))
+
+
+def _each(fn, cache: dict, *others: dict) -> dict:
+    """fn applied to each attention block's cache (and the others' at the same place)."""
+    return jax.tree.map(fn, cache, *others, is_leaf=_is_cache)
+
+
+def start_chunk(cache: dict, start, length: int) -> dict:
     """ChunkCaches over `cache` for `length` one-position steps from position `start`."""
     def chunk(c) -> ChunkCache:
         B, H, K, _ = c.k.shape
         return ChunkCache(c, KVCache.empty(B, H, K, length, c.k.dtype), start)
-    return tuple(map(chunk, cache))
+    return _each(chunk, cache)
 
 
-def end_chunk(cache: tuple, chunks: tuple[ChunkCache, ...]) -> tuple:
+def end_chunk(cache: dict, chunks: dict) -> dict:
     """`cache` (as given to start_chunk) with the chunk's keys and values appended."""
-    return tuple(full.append(KeysValues(c.recent.k, c.recent.v,
-                                        c.start + jnp.arange(c.recent.k.shape[-1])))
-                 for full, c in zip(cache, chunks))
+    return _each(lambda full, c: full.append(KeysValues(
+        c.recent.k, c.recent.v, c.start + jnp.arange(c.recent.k.shape[-1]))), cache, chunks)
+
+
+def start_prefill(cache: dict, end) -> dict:
+    """PrefillCaches over RingCaches `cache`, for a chunk of a context `end` long."""
+    return _each(lambda c: PrefillCache(c, end), cache)
+
+
+def end_prefill(cache: dict) -> dict:
+    return _each(lambda c: c.cache, cache)

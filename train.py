@@ -7,17 +7,11 @@ improves, one log line, and Aim metrics with a text sample. Ctrl-C or SIGTERM sa
 params file and prints how to resume.
 """
 
-import importlib.metadata
-import io
 import math
 import os
-import platform
-import signal
-import subprocess
 import sys
 import time
-import uuid
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import haiku as hk
 import jax
@@ -33,8 +27,8 @@ import eval as evaluation
 import generate
 import kernels
 import transformer
-from common import (StopRequest, UserError, atomic_write, format_config, parse_overrides,
-                    run_main)
+from common import StopRequest, UserError, format_config, parse_overrides, run_main
+from run import Run, params_paths, plot_losses, plot_path  # noqa: F401 (train.params_paths)
 
 
 class Config(NamedTuple):
@@ -127,6 +121,15 @@ def make_schedule(config: Config, peak: float | None = None) -> optax.Schedule:
         [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak),
          optax.linear_schedule(peak, end, max(config.max_iters - decay_start, 1))],
         boundaries=[warmup, decay_start])
+
+
+def learning_rates(config: Config) -> dict[str, optax.Schedule]:
+    """Each optimizer part's schedule under its config name: learning_rate (AdamW: all the
+    params, or under Muon its AdamW part) and, with Muon, muon_learning_rate."""
+    rates = {"learning_rate": make_schedule(config)}
+    if config.optimizer == "muon":
+        rates["muon_learning_rate"] = make_schedule(config, config.muon_learning_rate)
+    return rates
 
 
 def embedding_or_unembedding(path) -> bool:
@@ -228,109 +231,6 @@ def make_train_step(model: hk.Transformed, optimizer, batch_size: int, seq_len: 
     return jax.jit(train_step, donate_argnums=0)
 
 
-class Tracker:
-    """The Aim run, or nothing: training goes on (with one warning) if Aim cannot open."""
-
-    def __init__(self, config: Config, run_hash: str | None = None):
-        self.run = None
-        if not config.aim:
-            return
-        try:
-            import aim  # imported here: a run with --aim=False never pays for it
-            # Create the repository first: two first runs on a fresh folder otherwise race.
-            aim.Repo.from_path(config.aim_repo, init=True)
-            self.run = aim.Run(run_hash=run_hash, repo=config.aim_repo,
-                               experiment="nanogpt-haiku")
-            self._text = aim.Text
-        except Exception as e:  # any failure to open Aim must not stop training
-            print(f"warning: Aim tracking is off: cannot open an Aim repository in "
-                  f"{config.aim_repo!r} ({type(e).__name__}: {e}). Training goes on; pass "
-                  "--aim_repo=<writable folder> to track, or --aim=False to silence this.",
-                  file=sys.stderr)
-            self.run = None
-
-    @property
-    def hash(self) -> str | None:
-        return None if self.run is None else self.run.hash
-
-    def set(self, key: str, value: dict) -> None:
-        if self.run is not None:
-            self.run[key] = value
-
-    def track(self, step: int, context: dict | None = None, **metrics: float) -> None:
-        if self.run is not None:
-            for name, value in metrics.items():
-                self.run.track(float(value), name=name, step=step, context=context or {})
-
-    def track_text(self, step: int, name: str, text: str) -> None:
-        if self.run is not None:
-            self.run.track(self._text(text), name=name, step=step)
-
-    def close(self) -> None:
-        if self.run is not None:
-            self.run.close()
-
-
-def library_versions() -> dict:
-    packages = ("jax", "jaxlib", "dm-haiku", "optax", "numpy", "aim")
-    return {"python": platform.python_version(),
-            **{name: importlib.metadata.version(name) for name in packages}}
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def params_paths(params_dir: str, run_hash: str) -> tuple[str, str]:
-    """(latest, best) params files of a run, named as in the original project."""
-    latest = os.path.join(params_dir, f"params.{run_hash}.pkl")
-    return latest, latest + ".min_val.pkl"
-
-
-def plot_losses(history: dict, path: str, title: str) -> None:
-    """train_validation_loss.png: both curves against step and, where the history has its
-    wall-clock times, validation loss against minutes; the minimum marked."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps, val = history["step"], history["val_loss"]
-    best = int(np.argmin(val))
-    minutes = [s / 60 for s in history.get("wall_s", [])]
-    with_time = len(minutes) == len(steps)  # files before wall_s have no times
-    fig, axes = plt.subplots(1, 2 if with_time else 1, figsize=(14 if with_time else 8, 5),
-                             squeeze=False)
-    ax = axes[0, 0]
-    ax.plot(steps, history["train_loss"], label="train")
-    ax.plot(steps, val, label="validation")
-    ax.scatter([steps[best]], [val[best]], color="red", zorder=3,
-               label=f"min validation {val[best]:.4f} at step {steps[best]}")
-    ax.set(xlabel="step", ylabel="loss (nats/char)", title=title)
-    if with_time:
-        ax = axes[0, 1]
-        ax.plot(minutes, val, color="C1", label="validation")
-        ax.scatter([minutes[best]], [val[best]], color="red", zorder=3,
-                   label=f"min validation at {minutes[best]:.1f} min")
-        ax.set(xlabel="minutes since the run started", ylabel="loss (nats/char)",
-               title="validation loss against wall-clock time")
-    for ax in axes[0]:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write(path, buffer.getvalue())
-
-
-def plot_path(params_dir: str, run_hash: str) -> str:
-    return os.path.join(params_dir, f"train_validation_loss.{run_hash}.png")
-
-
 def check_config(config: Config) -> None:
     for name in ("batch_size", "max_iters", "eval_interval", "eval_batch_size",
                  "log_interval"):
@@ -379,6 +279,11 @@ def fresh_start(config, hparams, vocab, model, optimizer) -> Start:
 
 
 def resume_start(config, hparams, optimizer) -> Start:
+    if config.resume.endswith(".min_val.pkl"):
+        raise UserError(
+            f"--resume={config.resume}: a .min_val.pkl file holds a run's best params (with "
+            f"--ema_decay, their average), not its training state. Resume from the run's "
+            f"latest file: --resume={config.resume.removesuffix('.min_val.pkl')}")
     ckpt = checkpoint.load(config.resume)
     if hparams not in (transformer.HPARAMS, ckpt.hparams):
         raise UserError(f"--resume={config.resume}: the model's HPARAMS come from the params "
@@ -400,15 +305,21 @@ def resume_start(config, hparams, optimizer) -> Start:
     return Start(state, ckpt.hparams, ckpt.vocab, ckpt.meta)
 
 
-def train(config: Config, hparams: transformer.HParams, stop_at: int | None = None) -> dict:
-    """Runs training to config.max_iters (or to step `stop_at`, saving as an interrupt does).
+class Setup(NamedTuple):
+    """What the loop needs: set_up makes it."""
+    hparams: transformer.HParams  # the run's (a resumed run's come from its file)
+    state: TrainState             # on the devices, replicated
+    train_step: Callable          # jitted (state, train_ids) -> (state, metrics)
+    train_ids: jax.Array          # the training split, on every device
+    evaluate: Callable            # params -> (train_loss, val_loss) over the fixed windows
+    sample: Callable | None       # (params, step) -> a text sample for Aim, or None
+    run: Run
 
-    Returns the final meta: step, losses, min_val_loss, history, run_hash, ...
-    """
-    entered = time.time()
+
+def set_up(config: Config, hparams: transformer.HParams, entered: float) -> Setup:
+    """The text (checked), the starting state (fresh or resumed), the jitted step and the
+    evaluation on the devices' mesh, and the run's record."""
     text = data.read_text(config.source_file)
-    eval_seq_len = min(evaluation.EVAL_SEQ_LEN, hparams.max_seq_len)
-    data.check_splits(config.source_file, len(text), hparams.max_seq_len + 1, eval_seq_len + 1)
     optimizer = make_optimizer(config)
     if config.resume:
         start = resume_start(config, hparams, optimizer)
@@ -416,137 +327,160 @@ def train(config: Config, hparams: transformer.HParams, stop_at: int | None = No
         vocab = data.build_vocab(text)
         start = fresh_start(config, hparams, vocab, transformer.build(hparams, len(vocab)),
                             optimizer)
-    hparams, vocab, state = start.hparams, start.vocab, start.state
-    started = entered - start.meta.get("wall_s", 0.0)  # wall_s: since the run (not this
-                                                        # process) started, compiles included
-    model = transformer.build(hparams, len(vocab))  # evaluation: float32 throughout
+    hparams, vocab = start.hparams, start.vocab  # a resumed run's come from its file
+    eval_seq_len = min(evaluation.EVAL_SEQ_LEN, hparams.max_seq_len)
+    data.check_splits(config.source_file, len(text), hparams.max_seq_len + 1, eval_seq_len + 1)
     ids = data.encode(text, vocab)
     train_ids, _ = data.split(ids)
     if (config.batches == "shuffled"
             and data.windows_per_pass(len(train_ids), hparams.max_seq_len) < config.batch_size):
         raise UserError(f"--batches=shuffled: the training split holds fewer than "
                         f"batch_size={config.batch_size} windows of {hparams.max_seq_len}.")
-    train_windows, val_windows = evaluation.split_windows(ids, eval_seq_len)
     mesh = make_mesh()
     replicated = NamedSharding(mesh, P())
-    split_batch = NamedSharding(mesh, P("data"))
-    split_batches = NamedSharding(mesh, P(None, "data"))  # [batches, batch, T]
-    train_batches = evaluation.batch_windows(train_windows, config.eval_batch_size,
-                                             split_batches)
-    val_batches = evaluation.batch_windows(val_windows, config.eval_batch_size, split_batches)
-    window_loss = evaluation.make_window_loss(model)
     compute_dtype, why = kernels.choose_compute_dtype(config.compute_dtype)
     shuffle_key = (jax.random.fold_in(jax.random.PRNGKey(config.prng_seed), 1)
                    if config.batches == "shuffled" else None)
     train_step = make_train_step(transformer.build(hparams, len(vocab), compute_dtype),
-                                 optimizer, config.batch_size, hparams.max_seq_len, split_batch,
-                                 shuffle_key)
-    train_ids = evaluation.put(train_ids, replicated)
-    state = jax.tree.map(lambda x: evaluation.put(np.asarray(x), replicated), state)
-    is_main = jax.process_index() == 0  # only process 0 writes files, plots and tracks
+                                 optimizer, config.batch_size, hparams.max_seq_len,
+                                 NamedSharding(mesh, P("data")), shuffle_key)
+    state = jax.tree.map(lambda x: data.put(np.asarray(x), replicated), start.state)
+    run = Run(config, hparams, vocab, start.meta, compute_dtype,
+              started=entered - start.meta.get("wall_s", 0.0),  # the run's, compiles included
+              is_main=jax.process_index() == 0)  # only process 0 writes files and tracks
+    run.say(f"run {run.hash}: {checkpoint.num_params(state.params):,} params, {len(vocab)} "
+            f"characters, steps {int(state.step)} -> {config.max_iters}, params files "
+            f"{run.latest_path}[.min_val.pkl]\ncompute dtype: {compute_dtype} ({why})")
+    evaluate = make_evaluate(transformer.build(hparams, len(vocab)), ids, eval_seq_len,
+                             config.eval_batch_size, NamedSharding(mesh, P(None, "data")))
+    sample = (make_sample(hparams, vocab, config.sample_chars)
+              if config.sample_chars and run.tracker.run is not None else None)
+    return Setup(hparams, state, train_step, data.put(train_ids, replicated), evaluate,
+                 sample, run)
 
-    tracker = Tracker(config if is_main else config._replace(aim=False),
-                      start.meta.get("run_hash"))
-    run_hash = tracker.hash or start.meta.get("run_hash") or uuid.uuid4().hex[:24]
-    tracker.set("hparams", hparams._asdict())
-    tracker.set("config", config._asdict())
-    latest_path, best_path = params_paths(config.params_dir, run_hash)
-    sampler = generate.Sampler(hparams, len(vocab)) if config.sample_chars else None
+
+def make_evaluate(model: hk.Transformed, ids: np.ndarray, seq_len: int, batch_size: int,
+                  sharding: jax.sharding.Sharding) -> Callable:
+    """params -> (train_loss, val_loss): the whole validation split, and as many training
+    windows, in float32, the batches split across the mesh ([batches, batch, T])."""
+    windows = evaluation.split_windows(ids, seq_len)
+    train_batches, val_batches = (data.batch_windows(w, batch_size, sharding)
+                                  for w in windows)
+    window_loss = evaluation.make_window_loss(model)
+    return lambda params: (evaluation.mean_loss(window_loss, params, train_batches),
+                           evaluation.mean_loss(window_loss, params, val_batches))
+
+
+def make_sample(hparams: transformer.HParams, vocab: str, num_chars: int) -> Callable:
+    """(params, step) -> num_chars sampled from a newline, seeded by the step."""
+    sampler = generate.Sampler(hparams, len(vocab))
     newline = data.encode("\n", vocab) if "\n" in vocab else np.zeros(1, np.int32)
 
-    meta = {"min_val_loss": math.inf, "min_val_step": None, "val_loss": None,
-            "train_loss": None, "eval_step": None,
-            "history": {"step": [], "train_loss": [], "val_loss": [], "wall_s": []},
-            **start.meta}
-    meta.update(run_hash=run_hash, versions=library_versions(), git_commit=git_commit(),
-                config=config._asdict(), compute_dtype=compute_dtype)
+    def sample(params, step: int) -> str:
+        # Host copies: process 0 samples alone, outside the multi-process computation.
+        ids = sampler.sample(jax.device_get(params), newline, jax.random.PRNGKey(step),
+                             num_chars)
+        return data.decode(ids, vocab)
 
-    def save(path: str, step: int, params=None) -> None:
-        meta.update(step=step, wall_s=time.time() - started)
-        if not is_main:
-            return
-        checkpoint.save(path, params=state.params if params is None else params,
-                        hparams=hparams, vocab=vocab, meta=meta, opt_state=state.opt_state,
-                        rng=state.rng)
+    return sample
 
-    step = int(state.step)
-    schedule = make_schedule(config)  # the optimizer's learning rate, for the logs
-    tokens_per_step = config.batch_size * hparams.max_seq_len
-    clock = {"start": time.time(), "steps": 0, "tokens_per_s": 0.0}  # since the last eval
 
-    def log_progress(metrics) -> None:
-        loss = float(metrics["loss"])  # host sync: only every log_interval steps
-        if not math.isfinite(loss):
-            raise NonFiniteLoss(
-                f"the training loss is {loss} at step {step}: training stopped. The last good "
-                f"params files are kept ({latest_path}); try a lower --learning_rate.")
-        clock["tokens_per_s"] = clock["steps"] * tokens_per_step / (time.time() - clock["start"])
-        bar.set_postfix(loss=f"{loss:.3f}", val=f"{meta['val_loss'] or math.nan:.3f}",
-                        tok_s=f"{clock['tokens_per_s']:.0f}")
-        tracker.track(step, batch_loss=loss, grad_norm=metrics["grad_norm"],
-                      learning_rate=schedule(step - 1),
-                      tokens_per_s=clock["tokens_per_s"])
+class Speed:
+    """Training tokens per second since the last evaluation (which it does not count)."""
 
-    def evaluate_and_save() -> None:
-        params = evaluated_params(config, state)
-        train_loss = evaluation.mean_loss(window_loss, params, train_batches)
-        val_loss = evaluation.mean_loss(window_loss, params, val_batches)
-        if not math.isfinite(val_loss):
-            raise NonFiniteLoss(f"the validation loss is {val_loss} at step {step}: training "
-                                f"stopped; {latest_path} is kept.")
-        for name, value in (("step", step), ("train_loss", train_loss), ("val_loss", val_loss),
-                            ("wall_s", time.time() - started)):
-            meta["history"].setdefault(name, []).append(value)
-        meta.update(train_loss=train_loss, val_loss=val_loss, eval_step=step)
-        if val_loss < meta["min_val_loss"]:
-            meta.update(min_val_loss=val_loss, min_val_step=step)
-            save(best_path, step, params)  # the evaluated params (with ema_decay, averaged)
-        save(latest_path, step)             # the training state, to resume
-        if is_main:
-            bar.write(f"step {step} | train {train_loss:.4f} | val {val_loss:.4f} | "
-                      f"{clock['tokens_per_s']:.0f} tok/s | "
-                      f"lr {schedule(step - 1):.2e}")
-            sys.stdout.flush()  # one grep-able line per evaluation, also through pipes
-        for subset, loss in (("train", train_loss), ("val", val_loss)):
-            tracker.track(step, {"subset": subset}, loss=loss, bpc=loss / math.log(2))
-        if sampler is not None and tracker.run is not None:
-            # Host copies: process 0 samples alone, outside the multi-process computation.
-            ids_out = sampler.sample(jax.device_get(params), newline,
-                                     jax.random.PRNGKey(step), config.sample_chars)
-            tracker.track_text(step, "sample", data.decode(ids_out, vocab))
-        clock.update(start=time.time(), steps=0)
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.reset()
 
-    if is_main:
-        print(f"run {run_hash}: {checkpoint.num_params(state.params):,} params, "
-              f"{len(vocab)} characters, steps {step} -> {config.max_iters}, params files "
-              f"{latest_path}[.min_val.pkl]\ncompute dtype: {compute_dtype} ({why})",
-              file=sys.stderr)
+    def reset(self) -> None:
+        self.start, self.steps, self.tokens_per_s = time.time(), 0, 0.0
+
+    def measure(self) -> float:
+        self.tokens_per_s = self.steps * self.tokens_per_step / (time.time() - self.start)
+        return self.tokens_per_s
+
+
+def log_progress(run: Run, bar: tqdm, step: int, metrics: dict, tokens_per_s: float,
+                 rates: dict) -> None:
+    """Every log_interval steps: the training loss (a host sync), checked; the bar; Aim."""
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(
+            f"the training loss is {loss} at step {step}: training stopped. The last good "
+            f"params files are kept ({run.latest_path}); try a lower --learning_rate.")
+    bar.set_postfix(loss=f"{loss:.3f}", val=f"{run.meta['val_loss'] or math.nan:.3f}",
+                    tok_s=f"{tokens_per_s:.0f}")
+    run.tracker.track(step, batch_loss=loss, grad_norm=metrics["grad_norm"],
+                      tokens_per_s=tokens_per_s,
+                      **{name: rate(step - 1) for name, rate in rates.items()})
+
+
+def evaluate(setup: Setup, config: Config, state: TrainState, step: int):
+    """-> (the evaluated params, (train_loss, val_loss)); a non-finite loss stops the run."""
+    params = evaluated_params(config, state)
+    train_loss, val_loss = setup.evaluate(params)
+    if not math.isfinite(val_loss):
+        raise NonFiniteLoss(f"the validation loss is {val_loss} at step {step}: training "
+                            f"stopped; {setup.run.latest_path} is kept.")
+    return params, (train_loss, val_loss)
+
+
+def save_checkpoints(run: Run, step: int, state: TrainState, params, losses) -> None:
+    """The best file when validation improves (the evaluated params), then the latest."""
+    if run.record(step, *losses):
+        run.save_best(step, params)
+    run.save_latest(step, state)
+
+
+def log_evaluation(run: Run, bar: tqdm, step: int, losses, tokens_per_s: float, rates: dict,
+                   sample: Callable | None) -> None:
+    """One grep-able line per evaluation (also through pipes); both losses and a text
+    sample (`sample()`) to Aim."""
+    train_loss, val_loss = losses
+    if run.is_main:
+        bar.write(f"step {step} | train {train_loss:.4f} | val {val_loss:.4f} | "
+                  f"{tokens_per_s:.0f} tok/s | " + " | ".join(
+                      f"{name} {rate(step - 1):.2e}" for name, rate in rates.items()))
+        sys.stdout.flush()
+    for subset, loss in (("train", train_loss), ("val", val_loss)):
+        run.tracker.track(step, {"subset": subset}, loss=loss, bpc=loss / math.log(2))
+    if sample is not None:
+        run.tracker.track_text(step, "sample", sample())
+
+
+def train(config: Config, hparams: transformer.HParams, stop_at: int | None = None) -> dict:
+    """Runs training to config.max_iters (or to step `stop_at`, saving as an interrupt does):
+    step -> evaluate -> checkpoint -> log. Returns the run's meta: step, losses,
+    min_val_loss, history, run_hash, ..."""
+    setup = set_up(config, hparams, entered=time.time())
+    state, run, step = setup.state, setup.run, int(setup.state.step)
+    rates, speed = learning_rates(config), Speed(config.batch_size * setup.hparams.max_seq_len)
     bar = tqdm(total=config.max_iters, initial=step, unit="step", dynamic_ncols=True,
-               disable=not (sys.stderr.isatty() and is_main))
+               disable=not (sys.stderr.isatty() and run.is_main))
     try:
         with StopRequest() as stop:
             while step < config.max_iters and stop.signum is None and step != stop_at:
-                state, metrics = train_step(state, train_ids)
+                state, metrics = setup.train_step(state, setup.train_ids)
                 step += 1
-                clock["steps"] += 1
+                speed.steps += 1
                 bar.update(1)
                 if step % config.log_interval == 0 or step % config.eval_interval == 0:
-                    log_progress(metrics)
+                    log_progress(run, bar, step, metrics, speed.measure(), rates)
                 if step % config.eval_interval == 0 or step == config.max_iters:
-                    evaluate_and_save()
+                    params, losses = evaluate(setup, config, state, step)
+                    save_checkpoints(run, step, state, params, losses)
+                    log_evaluation(run, bar, step, losses, speed.tokens_per_s, rates,
+                                   setup.sample and (lambda: setup.sample(params, step)))
+                    speed.reset()
             bar.close()
             if step < config.max_iters:  # stopped early: by a signal, or at stop_at
-                save(latest_path, step)
-                why = "" if stop.signum is None else f"{signal.Signals(stop.signum).name}: "
-                if is_main:
-                    print(f"{why}stopped at step {step}; saved {latest_path}. Resume with:\n"
-                          f"  python train.py --resume={latest_path}", file=sys.stderr)
+                run.save_latest(step, state)
+                run.stopped(step, stop.signum)
     finally:  # also on a NaN loss or an error: the Aim run is closed, not left open
-        tracker.close()
-    if meta["history"]["step"] and is_main:
-        plot_losses(meta["history"], plot_path(config.params_dir, run_hash), f"run {run_hash}")
-    meta["step"] = step
-    return meta
+        run.tracker.close()
+    run.plot()
+    run.meta["step"] = step
+    return run.meta
 
 
 def resolve(argv) -> tuple[Config, transformer.HParams]:

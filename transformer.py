@@ -24,6 +24,7 @@ import numpy as np
 
 import kernels
 from kernels import Linear
+from kv_cache import NO_POSITION, KeysValues
 
 
 class HParams(NamedTuple):
@@ -79,32 +80,27 @@ def streams(hp: HParams) -> bool:
     return hp.positions == "rotary" and hp.attention_window is not None
 
 
+def attention_blocks(hp: HParams) -> dict[str, tuple[str, ...]]:
+    """Each layer's attention blocks, by layer name (as in the params): an encoder layer
+    self-attends; decoder layer i also cross-attends to encoder layer i, if there is one."""
+    num_encoder = hp.encoder_N if hp.use_encoder else 0
+    encoder = {f"encoder_{i}": ("self",) for i in range(num_encoder)}
+    decoder = {f"decoder_{i}": ("self", "cross") if i < num_encoder else ("self",)
+               for i in range(hp.decoder_N)}
+    return {**encoder, **decoder}
+
+
 def param_count(hp: HParams, vocab_size: int) -> int:
     """Number of parameters, by formula (tests check it against the initialized model)."""
     D, F, V, S = hp.d_model, hp.d_ff, vocab_size, hp.max_seq_len
     layer_norm = 2 * D
     attention = layer_norm + 4 * (D * D + D)          # LN, then q, k, v, out projections
     feed_forward = layer_norm + D * F + F + F * D + D  # LN, then D -> F -> D
-    num_encoder = hp.encoder_N if hp.use_encoder else 0
+    blocks = attention_blocks(hp)
     return (V * D + (S * D if hp.positions == "learned" else 0)     # embeddings
-            + hp.decoder_N * (attention + feed_forward)
-            + num_encoder * (attention + feed_forward)              # encoder layers
-            + num_encoder * attention                               # cross-attention blocks
+            + len(blocks) * feed_forward                            # one per layer
+            + sum(map(len, blocks.values())) * attention            # self and cross
             + layer_norm + D * V + V)                               # final LN, unembedding
-
-
-class KeysValues(NamedTuple):
-    """Keys and values of S positions, in the layouts attention's matmuls read."""
-    k: jax.Array          # [B, H, K, S]
-    v: jax.Array          # [B, H, S, K]
-    positions: jax.Array  # [S] int32: each key's position (which queries see it: visible)
-
-    @staticmethod
-    def of(k: jax.Array, v: jax.Array, positions: jax.Array) -> "KeysValues":  # [B, S, H, K]
-        return KeysValues(k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), positions)
-
-
-NO_POSITION = np.iinfo(np.int32).max  # the position of an empty cache slot: no query sees it
 
 
 def visible(query_positions: jax.Array, key_positions: jax.Array,
@@ -116,34 +112,51 @@ def visible(query_positions: jax.Array, key_positions: jax.Array,
 
 
 def attend(q: jax.Array, positions: jax.Array, blocks: Sequence[KeysValues],
-           window: int | None, dropout: float, is_training: bool) -> jax.Array:
-    """The attention core: queries q [B, T, H, K] at `positions` [T] attend over the keys and
-    values of every block (one, or a cache's several) -> [B, T, H, K].
+           window: int | None, dropout: float, is_training: bool,
+           dtype=jnp.float32) -> jax.Array:
+    """Attention: queries q [B, T, H, K] at `positions` [T] over the keys and values of every
+    block (one, or a cache's several) -> [B, T, H, K]. The formula is softmax_attention, its
+    matmuls' operands in `dtype` (float32 accumulation); the fast paths that compute it are
+    chosen here, and only here."""
+    dropout = dropout if is_training else 0.0  # dropout acts on the weights while training
+    one_block = len(blocks) == 1
+    # XLA's fused kernel where no attention weight is dropped, else the formula as written.
+    core = fused_attention if one_block and not dropout else softmax_attention
+    if window is not None and one_block and q.shape[1] > 2 * window:  # long: in W-bands
+        band = lambda q, qp, k, v, kp: core(q, qp, (KeysValues(k, v, kp),), window, dropout,
+                                            dtype)
+        return kernels.in_bands(band, q, positions, *blocks[0], window, NO_POSITION,
+                                split_rng=dropout > 0)
+    return core(q, positions, blocks, window, dropout, dtype)
 
-    softmax(q k / sqrt(K)) v, each query over the keys it sees (`visible`), with dropout on
-    the attention weights while training.
-    """
-    if window is not None and len(blocks) == 1 and q.shape[1] > 2 * window:  # long: banded
-        one_band = lambda q, qp, k, v, kp: attend(q, qp, (KeysValues(k, v, kp),), window,
-                                                  dropout, is_training)
-        return kernels.in_bands(one_band, q, positions, *blocks[0], window, NO_POSITION,
-                                split_rng=is_training and dropout > 0)
+
+def softmax_attention(q: jax.Array, positions: jax.Array, blocks: Sequence[KeysValues],
+                      window: int | None, dropout: float, dtype=jnp.float32) -> jax.Array:
+    """softmax(q k / sqrt(K)) v, each query over the keys it sees (`visible`), with `dropout`
+    on the attention weights; the blocks' keys are scored together, as one sequence."""
     masks = [visible(positions, b.positions, window) for b in blocks]       # [T, S] each
-    drop_weights = is_training and dropout > 0
-    if len(blocks) == 1 and not drop_weights:  # the fast variant: no weights to drop
-        return kernels.fused_attention(q, blocks[0].k, blocks[0].v, masks[0])
-    # Matmuls in the compute dtype of Linear's policy, accumulated in float32; softmax float32.
-    q, *keys = kernels.cast_to_compute(q, *(b.k for b in blocks))
+    # Matmuls' operands in dtype, accumulated in float32; softmax in float32.
+    q, *keys = (x.astype(dtype) for x in (q, *(b.k for b in blocks)))
     logits = jnp.concatenate([kernels.einsum("bthk,bhks->bhts", q, k) for k in keys],
                              axis=-1)                                      # [B, H, T, S]
     logits = jnp.where(jnp.concatenate(masks, axis=1), logits / math.sqrt(q.shape[-1]),
                        jnp.finfo(logits.dtype).min)
-    weights = kernels.dropout(jax.nn.softmax(logits), dropout, is_training)  # [B, H, T, S]
-    weights, *values = kernels.cast_to_compute(weights, *(b.v for b in blocks))
+    weights = kernels.dropout(jax.nn.softmax(logits), dropout, dropout > 0)  # [B, H, T, S]
+    weights, *values = (x.astype(dtype) for x in (weights, *(b.v for b in blocks)))
     splits = np.cumsum([v.shape[2] for v in values])[:-1]
     first, *rest = [kernels.einsum("bhts,bhsk->bthk", w, v)               # [B, T, H, K]
                     for w, v in zip(jnp.split(weights, splits, axis=-1), values)]
     return sum(rest, first)
+
+
+def fused_attention(q: jax.Array, positions: jax.Array, blocks: Sequence[KeysValues],
+                    window: int | None, dropout: float = 0.0, dtype=None) -> jax.Array:
+    """softmax_attention of one block without dropout, by kernels.fused_attention (in the
+    queries' dtype, float32, whatever `dtype`)."""
+    (block,) = blocks
+    assert dropout == 0, "the fused kernel keeps no attention weights to drop"
+    return kernels.fused_attention(q, block.k, block.v,
+                                   visible(positions, block.positions, window))
 
 
 def rotary_angles(positions: jax.Array, key_size: int) -> tuple[jax.Array, jax.Array]:
@@ -178,39 +191,41 @@ class Attention(hk.Module):
     projects the encoder output (at the same positions) to keys and values in one.
     """
 
-    def __init__(self, hp: HParams, name: str):
+    def __init__(self, hp: HParams, name: str, dtype=jnp.float32):
         super().__init__(name=name)
         self.num_heads, self.key_size = hp.h, hp.d_model // hp.h
         self.dropout, self.window, self.rotary = hp.dropout, hp.attention_window, (
             hp.positions == "rotary")
+        self.dtype = dtype  # of the attention matmuls' operands (see build)
 
     def __call__(self, x, positions, is_training, cache=None, memory=None, last_query=False):
         """x [B, T, D] at `positions` [T] attends over itself, or over memory (the encoder's
-        output at `positions`), and over what the cache holds; the cache (kv_cache.py) is
-        returned updated. With last_query (no cache) only the last position queries: the
-        output is [B, 1, D]. -> (out [B, T, D], cache)"""
+        output [B, S, D] at `positions` [S], of which x is at the last T), and over what the
+        cache holds; the cache (kv_cache.py) is returned updated. With last_query (no cache)
+        only the last position queries: the output is [B, 1, D]. -> (out [B, T, D], cache)"""
         B, T, D = x.shape
         H, K = self.num_heads, self.key_size
         # Fused projections: one wide matmul runs faster than three narrow ones.
         if memory is None:
             qkv = Linear(3 * H * K, name="query_key_value")(x)          # [B, T, 3HK]
             q, k, v = jnp.split(qkv.reshape(B, T, 3 * H, K), 3, axis=2)    # [B, T, H, K]
-        else:
+        else:  # memory [B, S, D] at `positions`: x may be only its last T (last_query)
             q = Linear(H * K, name="query")(x).reshape(B, T, H, K)      # [B, T, H, K]
-            kv = Linear(2 * H * K, name="key_value")(memory)             # [B, T, 2HK]
-            k, v = jnp.split(kv.reshape(B, T, 2 * H, K), 2, axis=2)        # [B, T, H, K]
+            kv = Linear(2 * H * K, name="key_value")(memory)             # [B, S, 2HK]
+            k, v = jnp.split(kv.reshape(B, -1, 2 * H, K), 2, axis=2)       # [B, S, H, K]
+        key_positions, positions = positions, positions[positions.shape[0] - T:]
         if self.rotary:  # keys are cached rotated
-            cos, sin = rotary_angles(positions, K)
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        new = KeysValues.of(k, v, positions)                  # [B, H, K, T], [B, H, T, K]
+            q = rotate(q, *rotary_angles(positions, K))
+            k = rotate(k, *rotary_angles(key_positions, K))
+        new = KeysValues.of(k, v, key_positions)              # [B, H, K, S], [B, H, S, K]
         if cache is None:
             blocks = (new,)
         else:  # the cache keeps the new keys and values and says what to attend over
             cache, blocks = cache.update(new)
         if last_query:  # keys and values need every position, the query only the last
             q, positions = q[:, -1:], positions[-1:]                     # [B, 1, H, K]
-        out = attend(q, positions, blocks, self.window, self.dropout,
-                     is_training)                                        # [B, T, H, K]
+        out = attend(q, positions, blocks, self.window, self.dropout, is_training,
+                     self.dtype)                                         # [B, T, H, K]
         out = Linear(D, name="out")(out.reshape(B, q.shape[1], H * K))  # [B, T, D]
         return kernels.dropout(out, self.dropout, is_training), cache
 
@@ -219,34 +234,37 @@ def _layer_norm(name: str) -> hk.LayerNorm:
     return hk.LayerNorm(axis=-1, create_scale=True, create_offset=True, name=name)
 
 
-def _feed_forward(x: jax.Array, hp: HParams, is_training: bool) -> jax.Array:
+def _feed_forward(x: jax.Array, hp: HParams, is_training: bool, read_w_t: bool) -> jax.Array:
     h = jax.nn.relu(Linear(hp.d_ff, name="ff_in")(x))                    # [B, T, F]
-    return kernels.dropout(Linear(hp.d_model, name="ff_out")(h), hp.dropout, is_training)
+    out = Linear(hp.d_model, name="ff_out", read_w_t=read_w_t)(h)        # [B, T, D]
+    return kernels.dropout(out, hp.dropout, is_training)
 
 
 class Layer(hk.Module):
     """Pre-norm layer: x + SelfAttention(LN(x)) [+ CrossAttention(LN(x), memory)] + FF(LN(x))."""
 
-    def __init__(self, hp: HParams, name: str):
+    def __init__(self, hp: HParams, name: str, dtype=jnp.float32, read_w_t: bool = False):
         super().__init__(name=name)
-        self.hp = hp
+        self.hp, self.dtype = hp, dtype  # dtype: attention's matmuls' (see build)
+        self.read_w_t = read_w_t          # single rows read transposed weights (kernels.Linear)
 
-    def __call__(self, x, positions, is_training, memory=None, caches=(None, None),
-                 last_query=False):
-        """x [B, T, D] -> [B, T, D], or [B, 1, D]: the last position only, with last_query
-        (what the last layer of a forward pass needs for the next character's logits)."""
-        out, self_cache = Attention(self.hp, "self_attention")(
-            _layer_norm("ln_self")(x), positions, is_training, caches[0],
+    def __call__(self, x, positions, is_training, memory=None, cache=None, last_query=False):
+        """x [B, T, D] -> ([B, T, D], or [B, 1, D]: the last position only, with last_query,
+        what the last layer of a forward pass needs for the next character's logits; and
+        the cache). cache: {"self": ..., "cross": ...}, one per attention block, or None."""
+        cache = cache or {}
+        new_cache = {}
+        out, new_cache["self"] = Attention(self.hp, "self_attention", self.dtype)(
+            _layer_norm("ln_self")(x), positions, is_training, cache.get("self"),
             last_query=last_query)
         x = (x[:, -1:] if last_query else x) + out
-        cross_cache = None
         if memory is not None:
-            out, cross_cache = Attention(self.hp, "cross_attention")(
-                _layer_norm("ln_cross")(x), positions, is_training, caches[1], memory,
+            out, new_cache["cross"] = Attention(self.hp, "cross_attention", self.dtype)(
+                _layer_norm("ln_cross")(x), positions, is_training, cache.get("cross"), memory,
                 last_query=last_query)
             x = x + out
-        x = x + _feed_forward(_layer_norm("ln_ff")(x), self.hp, is_training)
-        return x, (self_cache, cross_cache)
+        x = x + _feed_forward(_layer_norm("ln_ff")(x), self.hp, is_training, self.read_w_t)
+        return x, new_cache
 
 
 def sinusoidal_encodings(max_seq_len: int, d_model: int) -> np.ndarray:
@@ -262,9 +280,12 @@ def sinusoidal_encodings(max_seq_len: int, d_model: int) -> np.ndarray:
 class Transformer(hk.Module):
     """Character Transformer: embeddings, [encoder,] decoder layers, final LN, logits."""
 
-    def __init__(self, hp: HParams, vocab_size: int, name: str = "transformer"):
+    def __init__(self, hp: HParams, vocab_size: int, compute_dtype: str = "float32",
+                 read_w_t: bool = False, name: str = "transformer"):
         super().__init__(name=name)
         self.hp, self.vocab_size = validate(hp), vocab_size
+        self.dtype = jnp.dtype(compute_dtype)  # attention's matmuls' operands (see build)
+        self.read_w_t = read_w_t  # single rows read transposed weights: see kernels.Linear
 
     def __call__(self, tokens, is_training, cache=None, start=0, last_only=False):
         """logits [B, T, V] of tokens [B, T] at positions start..start+T-1 (with a cache: and
@@ -289,28 +310,26 @@ class Transformer(hk.Module):
             x += jnp.asarray(sinusoidal_encodings(hp.max_seq_len, hp.d_model))[positions]
         x = kernels.dropout(x, hp.dropout, is_training)                     # [B, T, D]
 
-        caches = iter(cache) if cache is not None else None
-        take = lambda: next(caches) if caches is not None else None
-        new_cache = []
+        layer_cache = lambda name: None if cache is None else cache[name]
+        new_cache = {}
         memories = []  # encoder layer i's output feeds decoder layer i's cross-attention
         if hp.use_encoder:
             h = x
             for i in range(hp.encoder_N):
-                h, (c, _) = Layer(hp, f"encoder_{i}")(h, positions, is_training,
-                                                      caches=(take(), None))
+                name = f"encoder_{i}"
+                h, new_cache[name] = Layer(hp, name, self.dtype, self.read_w_t)(
+                    h, positions, is_training, cache=layer_cache(name))
                 memories.append(h)
-                new_cache.append(c)
         for i in range(hp.decoder_N):
-            memory = memories[i] if i < len(memories) else None
-            layer_caches = (take(), take() if memory is not None else None)
-            x, (c_self, c_cross) = Layer(hp, f"decoder_{i}")(
-                x, positions, is_training, memory, layer_caches,
-                last_query=last_only and i == hp.decoder_N - 1)
-            new_cache += [c_self] + ([c_cross] if memory is not None else [])
+            name = f"decoder_{i}"
+            x, new_cache[name] = Layer(hp, name, self.dtype, self.read_w_t)(
+                x, positions, is_training, memories[i] if i < len(memories) else None,
+                layer_cache(name), last_query=last_only and i == hp.decoder_N - 1)
         x = _layer_norm("ln_final")(x)
-        logits = Linear(self.vocab_size, name="unembed")(x)                 # [B, T|1, V]
+        logits = Linear(self.vocab_size, name="unembed",
+                        read_w_t=self.read_w_t)(x)                          # [B, T|1, V]
         logits = logits.astype(jnp.float32)
-        return logits if cache is None else (logits, tuple(new_cache))
+        return logits if cache is None else (logits, new_cache)
 
 
 def build(hp: HParams, vocab_size: int, compute_dtype: str = "float32") -> hk.Transformed:
@@ -318,16 +337,17 @@ def build(hp: HParams, vocab_size: int, compute_dtype: str = "float32") -> hk.Tr
     apply(..., last_only=True) -> the last position's logits [B, 1, V], for sampling.
 
     compute_dtype "bfloat16" puts Linear under a jmp policy (float32 parameters, bfloat16
-    compute, float32 output), which attention's explicit path (training with dropout) follows:
-    those matmuls take bfloat16 operands and accumulate in float32. LayerNorm, softmax, the
-    residual stream and the loss stay float32.
+    compute, float32 output), and the Transformer gives it to attention's explicit path
+    (training with dropout): those matmuls take bfloat16 operands and accumulate in float32.
+    LayerNorm, softmax, the residual stream and the loss stay float32.
     """
     validate(hp)
     policy = jmp.get_policy(f"params=float32,compute={compute_dtype},output=float32")
 
     def forward(tokens, is_training, last_only=False):
         with hk.mixed_precision.push_policy(Linear, policy):
-            return Transformer(hp, vocab_size)(tokens, is_training, last_only=last_only)
+            return Transformer(hp, vocab_size, compute_dtype)(tokens, is_training,
+                                                              last_only=last_only)
 
     return hk.transform(forward)
 
@@ -335,16 +355,15 @@ def build(hp: HParams, vocab_size: int, compute_dtype: str = "float32") -> hk.Tr
 def build_cached(hp: HParams, vocab_size: int) -> hk.Transformed:
     """apply(params, None, tokens [B, T], cache, start) -> (logits [B, T, V], cache).
 
-    Inference only (no dropout). `start` is the position of tokens[:, 0]; the cache (one
-    entry per attention block, from kv_cache.init_cache, or ChunkCaches) holds positions
-    < start from earlier calls. A traced `start` cannot be checked: the caller keeps
+    Inference only (no dropout). `start` is the position of tokens[:, 0]; the cache ({layer:
+    {block: cache}} as attention_blocks names them, from kv_cache.init_cache) holds
+    positions < start from earlier calls. A traced `start` cannot be checked: the caller keeps
     start + T <= max_seq_len (past it, the cache write clamps). params: with
     kernels.add_transposed_weights, whose copies a single row (B = T = 1) reads.
     """
     validate(hp)
 
     def forward(tokens, cache, start):
-        with kernels.single_rows_read_w_t():
-            return Transformer(hp, vocab_size)(tokens, False, cache, start)
+        return Transformer(hp, vocab_size, read_w_t=True)(tokens, False, cache, start)
 
     return hk.transform(forward)

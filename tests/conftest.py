@@ -19,6 +19,10 @@ import pytest  # noqa: E402
 import transformer  # noqa: E402
 
 CORPUS = os.path.join(ROOT, "novelas_ejemplares.txt")
+# Tiny Shakespeare: $TINYSHAKESPEARE (as .ci/run sets it), else the copy beside the checkout;
+# tests never download it.
+SHAKESPEARE = os.environ.get("TINYSHAKESPEARE") or os.path.join(
+    os.path.dirname(ROOT), "shared", "tinyshakespeare.txt")
 
 # A model small enough that each test runs in seconds on a CPU.
 TINY = transformer.HParams(max_seq_len=16, d_model=32, h=4, d_ff=64, decoder_N=2,

@@ -34,6 +34,8 @@ def test_bench_bad_options_exit_2():
                           (["--d_model=30", "--h=4"], "divisible"),
                           (["--preset=tpu"], "--preset=tpu: unknown preset"),
                           (["--optimizer=sgd"], "--optimizer='sgd'"),
+                          (["--prefill_lengths=10,0"], "--prefill_lengths"),
+                          (["--prefill_lengths=ten"], "--prefill_lengths"),
                           (["--torch_python=/nonexistent/python"], "not an executable file")):
         result = run_script("bench.py", *args)
         assert result.returncode == 2, (args, result.stderr)
@@ -42,7 +44,8 @@ def test_bench_bad_options_exit_2():
 
 def test_bench_of_a_streaming_params_file_times_generate_end_to_end(tmp_path):
     """--params takes the model's HPARAMS from the file; for a streaming model the bench
-    times past-the-window sampling as cached steps and generate.py end to end."""
+    times past-the-window sampling as cached steps, the prefill of contexts of each length,
+    and generate.py end to end."""
     import train
     from conftest import tiny_config
 
@@ -52,12 +55,16 @@ def test_bench_of_a_streaming_params_file_times_generate_end_to_end(tmp_path):
     path = tmp_path / "bench.json"
     result = run_script("bench.py", f"--params={params}", "--batch_size=2", "--train_steps=1",
                         "--num_samples=2", "--compute_dtypes=float32", "--generate_chars=500",
-                        f"--json={path}")
+                        "--prefill_lengths=300,100", "--prefill_chunk=64", f"--json={path}")
     assert result.returncode == 0, result.stderr
     r = json.loads(path.read_text())
     for key in ("generate_chars_per_s", "generate_short_peak_rss_mb",
-                "generate_long_peak_rss_mb", "sample_full_window_chars_per_s"):
+                "generate_long_peak_rss_mb", "sample_full_window_chars_per_s",
+                "prefill_100_chars_per_s", "prefill_300_chars_per_s",
+                "prefill_300_peak_rss_mb"):
         assert r[key] > 0, key
+    assert r["prefill_chunk"] == 64
+    assert "prefill, a context of 300 chars" in result.stdout
     assert "sample, past the window (cached)" in result.stdout
     assert "d_model 32, 2 layers" in result.stdout  # the file's model, not the defaults
     assert "generate.py, 500 chars" in result.stdout

@@ -343,3 +343,32 @@ def test_saved_file_has_the_permissions_of_a_plain_write(tmp_path):
         os.umask(old_umask)
     assert os.stat(tmp_path / "plain").st_mode & 0o777 == 0o644
     assert os.stat(tmp_path / "ckpt.pkl").st_mode & 0o777 == 0o644
+
+
+def _numpy_globals():
+    """(module, name) of every public attribute of numpy's modules that pickles name."""
+    import numpy
+    modules = [numpy, numpy.linalg, numpy.random, numpy.lib, numpy.testing]
+    for name in ("numpy._core.multiarray", "numpy._core.numeric", "numpy.core.multiarray",
+                 "numpy._core.umath", "numpy.lib.format", "numpy.ctypeslib"):
+        try:
+            modules.append(__import__(name, fromlist=["_"]))
+        except ImportError:
+            pass
+    return sorted({(m.__name__, n) for m in modules for n in dir(m) if not n.startswith("__")})
+
+
+def test_every_global_outside_the_list_is_refused(tmp_path):
+    """A pickle naming any global but the listed few is refused, numpy's own included
+    (numpy.load, numpy.testing's, numpy.lib.format's, ...): only how arrays are rebuilt."""
+    path = tmp_path / "one_global.pkl"
+    refused = 0
+    for module, name in _numpy_globals() + [("builtins", "getattr"), ("pickle", "loads"),
+                                             ("ml_dtypes", "float8_e4m3fn")]:
+        path.write_bytes(b"c" + f"{module}\n{name}\n".encode() + b".")
+        if (module, name) in checkpoint._SAFE_GLOBALS:
+            continue
+        with pytest.raises(checkpoint.CheckpointError, match="unsafe pickle global"):
+            checkpoint.load(str(path))
+        refused += 1
+    assert refused > 500

@@ -24,9 +24,9 @@ def corpus_text():
 
 @pytest.fixture
 def no_network(monkeypatch):
-    """fetch_corpus must use NOVELAS_EJEMPLARES here: a download attempt fails the test."""
+    """fetch must use NOVELAS_EJEMPLARES here: a download attempt fails the test."""
     def refuse(*args, **kwargs):
-        raise AssertionError("fetch_corpus tried to download while NOVELAS_EJEMPLARES is set")
+        raise AssertionError("fetch tried to download while NOVELAS_EJEMPLARES is set")
     monkeypatch.setattr(data.urllib.request, "urlopen", refuse)
 
 
@@ -95,24 +95,30 @@ def test_load_corpus_accepts_the_corpus(corpus_text):
         assert corpus_text == f.read()
 
 
-def test_load_corpus_sha256_mismatch(tmp_path):
+def test_load_corpus_sha256_mismatch(tmp_path, monkeypatch):
     path = _modified_copy(tmp_path)
     with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
+        raw = f.read()
+    digest = hashlib.sha256(raw).hexdigest()
+    (tmp_path / data.CORPUS_FILE).write_bytes(raw)  # where `make data` puts the corpus
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(common.UserError) as excinfo:
-        data.load_corpus(path)
+        data.load_corpus()
     message = str(excinfo.value)
-    for expected in (path, digest, data.CORPUS_SHA256, "make data"):
+    for expected in (data.CORPUS_FILE, digest, data.CORPUS_SHA256, "make data"):
         assert expected in message
-    # Other texts may skip the check.
-    assert len(data.load_corpus(path, check_sha256=False)) == CORPUS_CHARS
+    # Anywhere else it is the user's own text, read as it is.
+    assert len(data.load_corpus(path)) == CORPUS_CHARS
 
 
-def test_load_corpus_missing_file(tmp_path):
+def test_load_corpus_missing_file(tmp_path, monkeypatch):
     path = str(tmp_path / "absent.txt")
-    with pytest.raises(common.UserError, match="make data") as excinfo:
+    with pytest.raises(common.UserError, match="not found") as excinfo:
         data.load_corpus(path)
     assert path in str(excinfo.value)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(common.UserError, match="make data"):
+        data.load_corpus()
 
 
 def test_load_corpus_unreadable_path(tmp_path):
@@ -126,45 +132,46 @@ def test_load_corpus_not_utf8(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("señor".encode("latin-1"))
     with pytest.raises(common.UserError, match="not UTF-8"):
-        data.load_corpus(str(path), check_sha256=False)
+        data.load_corpus(str(path))
 
 
-def test_fetch_corpus_copies_novelas_ejemplares(tmp_path, monkeypatch, no_network):
+def test_fetch_copies_novelas_ejemplares(tmp_path, monkeypatch, no_network):
     monkeypatch.setenv("NOVELAS_EJEMPLARES", CORPUS)
     dest = tmp_path / "new_folder" / "novelas.txt"  # the folder does not exist yet
-    origin = data.fetch_corpus(str(dest))
+    origin = data.fetch("novelas", str(dest))
     assert CORPUS in origin
     with open(CORPUS, "rb") as f:
         assert dest.read_bytes() == f.read()
     assert os.listdir(dest.parent) == ["novelas.txt"]  # no temporary file left behind
 
 
-def test_fetch_corpus_refuses_a_wrong_file(tmp_path, monkeypatch, no_network):
+def test_fetch_refuses_a_wrong_file(tmp_path, monkeypatch, no_network):
     wrong = _modified_copy(tmp_path)
     monkeypatch.setenv("NOVELAS_EJEMPLARES", wrong)
     dest = tmp_path / "novelas.txt"
-    with pytest.raises(common.UserError, match="not the expected corpus") as excinfo:
-        data.fetch_corpus(str(dest))
+    with pytest.raises(common.UserError,
+                       match="not the expected novelas_ejemplares.txt") as excinfo:
+        data.fetch("novelas", str(dest))
     assert wrong in str(excinfo.value)
     assert not dest.exists()
     assert sorted(os.listdir(tmp_path)) == ["modified.txt"]
 
 
-def test_fetch_corpus_keeps_a_previous_file_when_refusing(tmp_path, monkeypatch, no_network):
+def test_fetch_keeps_a_previous_file_when_refusing(tmp_path, monkeypatch, no_network):
     # A good corpus already at dest must survive a failed fetch of a wrong one.
     dest = tmp_path / "novelas.txt"
     shutil.copyfile(CORPUS, dest)
     monkeypatch.setenv("NOVELAS_EJEMPLARES", _modified_copy(tmp_path))
     with pytest.raises(common.UserError):
-        data.fetch_corpus(str(dest))
+        data.fetch("novelas", str(dest))
     assert len(data.load_corpus(str(dest))) == CORPUS_CHARS
 
 
-def test_fetch_corpus_unreadable_source(tmp_path, monkeypatch, no_network):
+def test_fetch_unreadable_source(tmp_path, monkeypatch, no_network):
     missing = str(tmp_path / "nowhere.txt")
     monkeypatch.setenv("NOVELAS_EJEMPLARES", missing)
     with pytest.raises(common.UserError, match="cannot read NOVELAS_EJEMPLARES") as excinfo:
-        data.fetch_corpus(str(tmp_path / "novelas.txt"))
+        data.fetch("novelas", str(tmp_path / "novelas.txt"))
     assert missing in str(excinfo.value)
     assert os.listdir(tmp_path) == []
 

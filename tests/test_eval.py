@@ -1,4 +1,4 @@
-"""eval.py: its metrics equal an independent computation over the whole validation split."""
+"""eval.py: its metrics equal independent computations over the whole validation split."""
 
 import math
 
@@ -50,6 +50,7 @@ def test_eval_metrics_match_an_independent_computation(tiny_run):
     assert int(metrics["step"]) == ckpt.meta["step"]
     assert float(metrics["val_loss"]) == pytest.approx(ckpt.meta["min_val_loss"], abs=1e-4)
     assert 0 < float(metrics["train_loss"]) < math.log(len(ckpt.vocab))
+    assert "val_loss_256" not in metrics  # 16 positions: nanoGPT's 256 do not fit
 
 
 def test_eval_bad_params_exit_2(tmp_path):
@@ -96,3 +97,13 @@ def test_streaming_model_also_reports_the_loss_its_sampler_gives(tmp_path):
     assert len(nll) == len(val_ids) - 1
     assert float(metrics["val_loss_stream"]) == pytest.approx(nll.mean(), abs=1e-4)
     assert float(metrics["val_loss_stream"]) < math.log(len(ckpt.vocab))
+    # nanoGPT's measure: non-overlapping 256-character windows, every position counted.
+    assert float(metrics["val_loss_256"]) == pytest.approx(
+        independent_loss(ckpt, val_ids, 256), abs=2e-4)
+
+
+def test_eval_refuses_sampling_options():
+    """Each script owns its config: eval.py has no sampling options to ignore silently."""
+    result = run_script("eval.py", "--temperature=0.5")
+    assert result.returncode == 2
+    assert "unknown option --temperature" in result.stderr and "Traceback" not in result.stderr

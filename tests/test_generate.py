@@ -16,7 +16,7 @@ VOCAB_SIZE = 12
 
 
 def reference_sample(params, hp, context_ids, key, num_chars, temperature=1.0, top_k=None,
-                     num_samples=1):
+                     num_samples=1, top_p=None, min_p=None):
     """The plain sampler: a full forward pass over the last max_seq_len ids per character, for
     num_samples streams side by side (character i of every stream drawn with fold_in(key, i)).
     -> [num_samples, num_chars] ids."""
@@ -25,7 +25,8 @@ def reference_sample(params, hp, context_ids, key, num_chars, temperature=1.0, t
     for i in range(num_chars):
         window = jnp.asarray(ids[:, -hp.max_seq_len:])                        # [B, <= S]
         logits = apply(params, None, window, False)[:, -1]                    # [B, V]
-        token = generate.sample_logits(jax.random.fold_in(key, i), logits, temperature, top_k)
+        token = generate.sample_logits(jax.random.fold_in(key, i), logits, temperature, top_k,
+                                       top_p, min_p)
         ids = np.concatenate([ids, np.asarray(token)[:, None]], axis=1)
     return ids[:, len(context_ids):]
 
@@ -177,6 +178,10 @@ def _bad_inputs(tiny_run, tmp_path):
         ([f"--params={unsafe}"], "unsafe pickle global posix.system"),
         ([params, "--temperature=0"], "--temperature=0.0: must be > 0"),
         ([params, "--top_k=0"], "--top_k=0: must be >= 1"),
+        ([params, "--top_p=0"], "--top_p=0.0: must be in (0, 1]"),
+        ([params, "--top_p=1.5"], "--top_p=1.5: must be in (0, 1]"),
+        ([params, "--min_p=-0.1"], "--min_p=-0.1: must be in [0, 1]"),
+        ([params, "--min_p=2"], "--min_p=2.0: must be in [0, 1]"),
         ([params, "--num_chars=-1"], "--num_chars=-1: must be >= 0"),
         ([params, "--num_samples=2", "--num_chars=None"], "needs --num_chars"),
         ([params, "--temperature=hot"], "expected float"),
@@ -220,7 +225,8 @@ def test_ctrl_c_ends_an_endless_stream_cleanly(tiny_run):
 STREAMING = TINY._replace(positions="rotary", attention_window=6)
 
 
-def full_forward_sample(params, hp, context_ids, key, sampled, temperature=1.0, top_k=None):
+def full_forward_sample(params, hp, context_ids, key, sampled, temperature=1.0, top_k=None,
+                        top_p=None, min_p=None):
     """What one full forward pass over the whole text (context and sampled ids [B, N]) says
     each sampled id must be: the draw of character i from the logits at its position."""
     text = np.concatenate([np.tile(context_ids, (len(sampled), 1)), sampled], axis=1)
@@ -228,7 +234,7 @@ def full_forward_sample(params, hp, context_ids, key, sampled, temperature=1.0, 
         params, None, jnp.asarray(text[:, :-1]), False)                      # [B, T - 1, V]
     start = len(context_ids) - 1
     return np.stack([generate.sample_logits(jax.random.fold_in(key, i), logits[:, start + i],
-                                            temperature, top_k)
+                                            temperature, top_k, top_p, min_p)
                      for i in range(sampled.shape[1])], axis=1)
 
 
@@ -256,6 +262,22 @@ def test_streaming_sampler_equals_one_full_forward_pass_many_windows_on(
     assert len({tuple(row) for row in sampled.tolist()}) == (1 if top_k == 1 else num_samples)
 
 
+@pytest.mark.parametrize("context_length, prefill_chunk", [
+    (5, 4), (13, 4), (20, 4), (5, 16), (13, 16), (20, 16), (24, 4)])
+def test_streaming_prefill_in_chunks_equals_one_full_forward_pass(context_length,
+                                                                  prefill_chunk):
+    """The context read prefill_chunk characters at a time through the rings (W = 6):
+    lengths under, over and at multiples of the window and of the chunk, chunks shorter and
+    longer than the window; several streams."""
+    params = init_params(STREAMING)
+    context = (np.arange(context_length, dtype=np.int32) * 7 + 3) % VOCAB_SIZE
+    key = jax.random.PRNGKey(context_length)
+    sampler = generate.Sampler(STREAMING, VOCAB_SIZE, prefill_chunk=prefill_chunk)
+    sampled = sampler.sample(params, context, key, 12, num_samples=2)
+    np.testing.assert_array_equal(sampled,
+                                  full_forward_sample(params, STREAMING, context, key, sampled))
+
+
 def test_streaming_sampler_reads_a_context_longer_than_the_window_whole():
     """The prefill reads the whole context (what the full forward pass sees), not its last
     max_seq_len characters."""
@@ -265,3 +287,96 @@ def test_streaming_sampler_reads_a_context_longer_than_the_window_whole():
     sampled = generate.Sampler(STREAMING, VOCAB_SIZE).sample(params, context, key, 20)
     np.testing.assert_array_equal(sampled,
                                   full_forward_sample(params, STREAMING, context, key, sampled))
+
+
+@pytest.mark.parametrize("hp", [
+    TINY._replace(use_encoder=True, encoder_N=2),                  # encoder_N == decoder_N
+    TINY._replace(use_encoder=True, encoder_N=1, decoder_N=1),     # one layer, cross-attends
+    STREAMING._replace(use_encoder=True, encoder_N=2),             # the same, streaming
+    TINY._replace(decoder_N=1),                                    # one layer
+    TINY._replace(h=1),                                            # one head
+    TINY._replace(attention_window=1),                             # a window of 1
+    STREAMING._replace(attention_window=1),                        # streaming, a window of 1
+    TINY._replace(max_seq_len=1),                                  # one position
+], ids=["encoder_N=decoder_N", "one_layer_encoder", "streaming_encoder_N=decoder_N",
+        "one_layer", "one_head", "window_1", "streaming_window_1", "max_seq_len_1"])
+def test_every_valid_model_samples_as_the_plain_reference(hp):
+    """Past the window, so that every path runs: cached steps, slides, the last layer's
+    last-position pass (which cross-attends when encoder_N == decoder_N)."""
+    transformer.validate(hp)
+    params = init_params(hp)
+    context = np.array([3, 1, 4], np.int32)
+    key = jax.random.PRNGKey(11)
+    num_chars = 2 * hp.max_seq_len + 5
+    sampled = generate.Sampler(hp, VOCAB_SIZE).sample(params, context, key, num_chars)
+    expected = (full_forward_sample(params, hp, context, key, sampled)
+                if transformer.streams(hp) else
+                reference_sample(params, hp, context, key, num_chars))
+    np.testing.assert_array_equal(sampled, expected)
+
+
+def test_temperature_and_top_k_on_the_command_line_change_the_text(tiny_run):
+    """--top_k=1, and a temperature near 0, sample the greedy continuation (computed here
+    with full forward passes); the default rule, with the same seed, another text."""
+    ckpt = checkpoint.load(tiny_run["best"])
+    apply = jax.jit(transformer.build(ckpt.hparams, len(ckpt.vocab)).apply, static_argnums=3)
+    context = "En un lugar"
+    ids = list(np.asarray(__import__("data").encode(context, ckpt.vocab)))
+    for _ in range(30):
+        window = jnp.asarray([ids[-ckpt.hparams.max_seq_len:]], jnp.int32)
+        ids.append(int(np.argmax(apply(ckpt.params, None, window, False)[0, -1])))
+    greedy = context + "".join(ckpt.vocab[i] for i in ids[len(context):]) + "\n"
+
+    def sample(*args):
+        result = run_script("generate.py", f"--params={tiny_run['best']}",
+                            f"--context={context}", "--num_chars=30", "--prng_seed=4", *args)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert sample("--top_k=1") == greedy
+    assert sample("--temperature=0.001") == greedy
+    assert sample() != greedy
+    assert sample("--top_k=2") not in (greedy, sample())
+
+
+def test_top_p_keeps_the_fewest_likeliest_reaching_p_and_min_p_a_share_of_the_likeliest():
+    logits = jnp.log(jnp.array([[0.05, 0.3, 0.5, 0.15]]))
+    keys = jax.random.split(jax.random.PRNGKey(0), 4000)
+
+    def draws(**rule):
+        ids = jax.vmap(lambda k: generate.sample_logits(k, logits, 1.0, None, **rule))(keys)
+        return np.bincount(np.asarray(ids).ravel(), minlength=4) / len(keys)
+
+    share = draws(top_p=0.7)        # 0.5 alone is short of 0.7: 0.5 and 0.3
+    assert share[0] == share[3] == 0 and abs(share[2] - 0.5 / 0.8) < 0.03
+    assert set(np.flatnonzero(draws(top_p=0.81))) == {1, 2, 3}  # 0.8 is short of 0.81
+    assert set(np.flatnonzero(draws(top_p=0.4))) == {2}         # the likeliest alone
+    assert set(np.flatnonzero(draws(top_p=1.0))) == {0, 1, 2, 3}
+    assert set(np.flatnonzero(draws(min_p=0.5))) == {1, 2}      # p >= 0.25
+    assert set(np.flatnonzero(draws(min_p=0.2))) == {1, 2, 3}   # p >= 0.1
+    assert abs(draws(min_p=0.2)[3] - 0.15 / 0.95) < 0.03
+    # In order: temperature 100 flattens the four to about 0.25 each, top-k 3 keeps the three
+    # likeliest (about 1/3 each), and top-p 0.6 of those the two likeliest.
+    hot = jax.vmap(lambda k: generate.sample_logits(k, logits, 100.0, 3, 0.6, None))(keys)
+    assert set(np.asarray(hot).ravel().tolist()) == {1, 2}
+
+
+@pytest.mark.parametrize("streaming, num_samples, rule", [
+    (False, 1, dict(top_p=0.9)),
+    (False, 3, dict(min_p=0.2, temperature=1.5)),
+    (True, 1, dict(top_p=0.8, min_p=0.1)),
+    (True, 2, dict(top_k=5, top_p=0.9, min_p=0.05, temperature=0.8)),
+])
+def test_cached_sampler_with_top_p_and_min_p_equals_the_plain_reference(streaming, num_samples,
+                                                                        rule):
+    hp = STREAMING if streaming else TINY
+    params = init_params(hp, seed=3)
+    context = np.array([2, 7, 1, 8], np.int32)
+    key = jax.random.PRNGKey(9)
+    num_chars = 2 * hp.max_seq_len + 3
+    sampled = generate.Sampler(hp, VOCAB_SIZE, chunk=4, **rule).sample(
+        params, context, key, num_chars, num_samples)
+    expected = (full_forward_sample(params, hp, context, key, sampled, **rule) if streaming
+                else reference_sample(params, hp, context, key, num_chars,
+                                      num_samples=num_samples, **rule))
+    np.testing.assert_array_equal(sampled, expected)

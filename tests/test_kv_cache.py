@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import generate
 import kernels
 import kv_cache
 import transformer
@@ -31,7 +32,7 @@ def test_cached_prefill_and_steps_match_full_forward(use_encoder, batch_size):
 
     cached = jax.jit(transformer.build_cached(hp, VOCAB).apply)
     params = kernels.add_transposed_weights(params)
-    cache = kv_cache.init_cache(hp, batch_size)
+    cache = generate.empty_cache(hp, batch_size)
     logits, cache = cached(params, None, tokens[:, :prefill], cache, 0)
     steps = [logits]
     for t in range(prefill, seq_len):
@@ -52,7 +53,7 @@ def test_chunk_cache_steps_match_full_forward(use_encoder):
 
     cached = jax.jit(transformer.build_cached(hp, VOCAB).apply)
     logits, cache = cached(params, None, tokens[:, :prefill],
-                           kv_cache.init_cache(hp, BATCH_SIZE), 0)
+                           generate.empty_cache(hp, BATCH_SIZE), 0)
     steps = [logits]
     for start in range(prefill, hp.max_seq_len - chunk + 1, chunk):
         state = kv_cache.start_chunk(cache, jnp.int32(start), chunk)
@@ -78,8 +79,8 @@ def test_streaming_steps_through_ring_caches_match_full_forward_at_any_position(
     full = jitted_apply(hp, False)(params, None, tokens)                   # [B, 40, V]
     cached = jax.jit(transformer.build_cached(hp, VOCAB).apply)
     params = kernels.add_transposed_weights(params)
-    cache = kv_cache.init_cache(hp, BATCH_SIZE)
-    assert all(c.k.shape[-1] == 6 for c in cache)  # W positions, whatever the length
+    cache = generate.empty_cache(hp, BATCH_SIZE)
+    assert all(c.k.shape[-1] == 6 for layer in cache.values() for c in layer.values())
     logits, cache = cached(params, None, tokens[:, :5], cache, start)
     steps = [logits]
     for t in range(5, 40):

@@ -1,5 +1,5 @@
-"""The shipped params file: `make generate` works out of the box, and the file is what the
-README says it is (the cpu preset's model, its recorded validation loss)."""
+"""The shipped params files: `make generate` works out of the box, and each file is what the
+README says it is (its preset's model, its recorded validation loss)."""
 
 import os
 
@@ -7,18 +7,22 @@ import pytest
 
 import checkpoint
 import eval as evaluation
+import generate
 import train
 import transformer
-from conftest import CORPUS, ROOT, run_script
+from conftest import CORPUS, ROOT, SHAKESPEARE, run_script
 
 
-def test_shipped_params_reproduce_their_recorded_validation_loss():
-    ckpt = checkpoint.load(evaluation.DEFAULT_PARAMS)
-    assert ckpt.hparams == train.PRESETS["cpu"][1]
+@pytest.mark.parametrize("preset, text", [("cpu", CORPUS), ("shakespeare", SHAKESPEARE)])
+def test_shipped_params_reproduce_their_recorded_validation_loss(preset, text):
+    """Each shipped file is its preset's streaming model without optimizer state, and
+    eval.py gives its recorded validation loss on its text."""
+    ckpt = checkpoint.load(evaluation.SHIPPED_PARAMS[preset])
+    assert ckpt.hparams == train.PRESETS[preset][1]
     assert transformer.streams(ckpt.hparams)  # every sampled character one cached step
-    assert ckpt.meta["config"]["preset"] == "cpu"
+    assert ckpt.meta["config"]["preset"] == preset
     assert ckpt.opt_state is None and ckpt.rng is None  # shipped without optimizer state
-    metrics = evaluation.evaluate(ckpt, evaluation.CONFIG._replace(source_file=CORPUS))
+    metrics = evaluation.evaluate(ckpt, evaluation.CONFIG._replace(source_file=text))
     assert metrics["val_loss"] == pytest.approx(ckpt.meta["min_val_loss"], abs=1e-4)
     assert metrics["step"] == ckpt.meta["min_val_step"]
 
@@ -36,7 +40,7 @@ def test_shipped_run_met_the_recipe_targets():
 
 
 def test_generate_samples_from_the_shipped_params_by_default():
-    with open(os.path.join(ROOT, evaluation.CONFIG.context_file), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, generate.CONFIG.context_file), encoding="utf-8") as f:
         context = f.read()
     result = run_script("generate.py", "--prng_seed=1", "--num_chars=60")
     assert result.returncode == 0, result.stderr

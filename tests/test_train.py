@@ -61,7 +61,7 @@ def val_loss_of(ckpt: checkpoint.Checkpoint) -> float:
     ids = evaluation.data.encode(evaluation.data.load_corpus(CORPUS), ckpt.vocab)
     _, val = evaluation.split_windows(ids, min(evaluation.EVAL_SEQ_LEN, TINY.max_seq_len))
     window_loss = evaluation.make_window_loss(transformer.build(ckpt.hparams, len(ckpt.vocab)))
-    return evaluation.mean_loss(window_loss, ckpt.params, evaluation.batch_windows(val, 512))
+    return evaluation.mean_loss(window_loss, ckpt.params, data.batch_windows(val, 512))
 
 
 def test_min_val_file_reproduces_its_validation_loss(tiny_run):
@@ -284,13 +284,16 @@ def _signal_after(monkeypatch, signum, at_step: int) -> None:
     monkeypatch.setattr(train, "make_train_step", make_train_step)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum, batches", [(signal.SIGINT, "random"),
+                                             (signal.SIGTERM, "random"),
+                                             (signal.SIGINT, "shuffled")])
 def test_signal_mid_interval_then_resume_equals_uninterrupted_bit_for_bit(
-        tmp_path, monkeypatch, signum):
+        tmp_path, monkeypatch, signum, batches):
     """Stopped by a signal at step 13 (between the evaluations at 10 and 20), then resumed:
     the same params, optimizer state and evaluations as a run that never stopped. Exactly:
-    the file holds the float32 state as it was, and the same compiled step continues it."""
-    config = tiny_config(tmp_path, max_iters=20, eval_interval=10)
+    the file holds the float32 state as it was, and the same compiled step continues it.
+    With shuffled passes the resumed run goes on with the same pass (in its order)."""
+    config = tiny_config(tmp_path, max_iters=20, eval_interval=10, batches=batches)
     whole = train.train(config, TINY)
     with monkeypatch.context() as patch:
         _signal_after(patch, signum, 13)
@@ -313,13 +316,22 @@ def test_signal_mid_interval_then_resume_equals_uninterrupted_bit_for_bit(
         np.testing.assert_array_equal(x, y)
 
 
-def test_resume_refusals_exit_2_with_their_message(tiny_run):
-    """--resume refuses model overrides (the HPARAMS come from the file) and a file without
-    optimizer state (the shipped one), each with exit 2 and its message."""
+def test_resume_refusals_exit_2_with_their_message(tiny_run, tmp_path):
+    """--resume refuses model overrides (the HPARAMS come from the file), a best file (its
+    params are not the training state: it names the latest file instead), and a file without
+    optimizer state (the shipped one, renamed), each with exit 2 and its message. The best
+    file holds no optimizer state or rng at all."""
+    best = checkpoint.load(tiny_run["best"])
+    assert best.opt_state is None and best.rng is None
+    renamed = tmp_path / "shipped.pkl"
+    renamed.write_bytes(open(evaluation.DEFAULT_PARAMS, "rb").read())
     cases = [
         ([f"--resume={tiny_run['latest']}", "--d_model=64"],
          "the model's HPARAMS come from the params file"),
-        ([f"--resume={evaluation.DEFAULT_PARAMS}"], "the file has no optimizer state"),
+        ([f"--resume={tiny_run['best']}"],
+         f"not its training state. Resume from the run's latest file: "
+         f"--resume={tiny_run['latest']}"),
+        ([f"--resume={renamed}"], "the file has no optimizer state"),
     ]
     for args, message in cases:
         result = run_script("train.py", *args, f"--source_file={CORPUS}", "--aim=False",
@@ -592,3 +604,83 @@ def test_muon_wsd_and_shuffled_passes_train(tmp_path):
                          schedule="wsd", batches="shuffled")
     history = train.train(config, TINY)["history"]
     assert history["val_loss"][-1] < 3.02 - 0.2 and history["train_loss"][-1] < 3.02 - 0.2
+
+
+def test_each_shuffled_pass_cuts_the_text_at_its_own_offset():
+    ids = jax.numpy.arange(1000, dtype=jax.numpy.int32)
+    key, B, T = jax.random.PRNGKey(3), 4, 10
+    batches = (1000 - T) // T // B
+    offsets = []
+    for pass_index in range(8):
+        inputs, _ = data.shuffled_batch(key, jax.numpy.int32(pass_index * batches), ids, B, T)
+        cut = {int(s) % T for s in np.asarray(inputs[:, 0])}
+        assert len(cut) == 1  # one offset within a pass
+        offsets += cut
+    assert len(set(offsets)) >= 4  # 8 passes, 10 offsets: not one cut for all
+
+
+def test_logged_learning_rates_are_each_optimizer_parts(tmp_path, capsys):
+    """Under Muon the log line and Aim show muon_learning_rate and the AdamW part's
+    learning_rate, each its own schedule."""
+    config = tiny_config(tmp_path, max_iters=20, eval_interval=20, optimizer="muon",
+                         learning_rate=3e-3, muon_learning_rate=0.02, warmup_iters=0,
+                         schedule="wsd", decay_fraction=1.0, min_lr_ratio=0.0)
+    rates = train.learning_rates(config)
+    assert set(rates) == {"learning_rate", "muon_learning_rate"}
+    assert float(rates["muon_learning_rate"](10)) == pytest.approx(0.01)
+    assert float(rates["learning_rate"](10)) == pytest.approx(1.5e-3)
+    train.train(config, TINY)
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step 20 |")][0]
+    assert line.endswith(f"learning_rate {float(rates['learning_rate'](19)):.2e} | "
+                         f"muon_learning_rate {float(rates['muon_learning_rate'](19)):.2e}")
+    assert "muon_learning_rate" not in train.learning_rates(config._replace(optimizer="adamw"))
+
+
+def test_ema_logs_both_losses_of_the_averaged_params(tmp_path):
+    """With --ema_decay, the training and the validation loss of an evaluation are both of
+    the averaged params that the best file keeps."""
+    config = tiny_config(tmp_path, max_iters=20, eval_interval=20, ema_decay=0.9)
+    meta = train.train(config, TINY)
+    best = checkpoint.load(train.params_paths(config.params_dir, meta["run_hash"])[1])
+    ids = data.encode(data.load_corpus(CORPUS), best.vocab)
+    train_windows, val_windows = evaluation.split_windows(ids, TINY.max_seq_len)
+    window_loss = evaluation.make_window_loss(transformer.build(TINY, len(best.vocab)))
+    for name, windows in (("train_loss", train_windows), ("val_loss", val_windows)):
+        loss = evaluation.mean_loss(window_loss, best.params,
+                                    data.batch_windows(windows, 512))
+        assert meta["history"][name][-1] == pytest.approx(loss, rel=1e-5), name
+
+
+@pytest.mark.parametrize("compute_dtype", ["auto", "float32", "bfloat16"])
+def test_training_step_runs_its_matmuls_in_the_compute_dtype_it_reports(tmp_path,
+                                                                        compute_dtype):
+    """What the compiled step multiplies: bfloat16 operands where the chosen (or auto's)
+    dtype is bfloat16, none where it is float32."""
+    chosen, _ = kernels.choose_compute_dtype(compute_dtype)
+    config = tiny_config(tmp_path, compute_dtype=compute_dtype)
+    model = transformer.build(TINY, 20, chosen)
+    optimizer = train.make_optimizer(config)
+    state = train.fresh_start(config, TINY, "x" * 20, model, optimizer).state
+    step = train.make_train_step(model, optimizer, 8, TINY.max_seq_len)
+    hlo = step.lower(state, jax.numpy.zeros(100, jax.numpy.int32)).as_text()
+    dots = [l for l in hlo.splitlines() if "dot_general" in l or "stablehlo.dot" in l]
+    assert dots
+    low = [l for l in dots if "bf16" in l]
+    assert bool(low) == (chosen == "bfloat16"), (compute_dtype, chosen)
+
+
+def test_muon_scales_each_matrix_by_haikus_in_out_layout():
+    """Haiku's weights are [in, out]: Muon's update of a matrix that widens (in < out) is
+    sqrt(out / in) times that of its narrowing transpose (optax's scale
+    sqrt(max(1, fan_out / fan_in))); read the other way round, the narrowing one would get it."""
+    config = train.CONFIG._replace(optimizer="muon", muon_learning_rate=0.02, warmup_iters=0,
+                                   weight_decay=0.0, grad_clip=0.0, compute_dtype="float32")
+    g = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (8, 32)))
+    params = {"widen": {"w": np.zeros((8, 32), np.float32)},
+              "narrow": {"w": np.zeros((32, 8), np.float32)}}
+    grads = {"widen": {"w": g}, "narrow": {"w": g.T}}
+    optimizer = train.make_optimizer(config)
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    np.testing.assert_allclose(updates["widen"]["w"], 2.0 * updates["narrow"]["w"].T,
+                               rtol=1e-4, atol=1e-7)
+    assert np.abs(updates["widen"]["w"]).max() > 0

@@ -16,7 +16,7 @@ import optax
 import pytest
 from conftest import TINY
 
-import kv_cache
+import generate
 import transformer
 
 VOCAB = 10
@@ -407,7 +407,7 @@ def test_last_only_gives_the_last_positions_logits(use_encoder):
     with_cache = hk.transform(lambda tokens, cache: transformer.Transformer(hp, VOCAB)(
         tokens, False, cache, 0, last_only=True))
     with pytest.raises(ValueError, match="last_only"):
-        with_cache.init(jax.random.PRNGKey(0), tokens, kv_cache.init_cache(hp, BATCH_SIZE))
+        with_cache.init(jax.random.PRNGKey(0), tokens, generate.empty_cache(hp, BATCH_SIZE))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,3 +535,31 @@ def test_streaming_model_takes_any_length_and_its_banded_pass_equals_the_plain_o
     with pytest.raises(ValueError, match="max_seq_len"):
         jitted_apply(tiny(positions="rotary"), False)(random_params(tiny(positions="rotary")),
                                                       None, tokens)
+
+
+def test_attention_dropout_acts_in_every_band_of_the_banded_pass():
+    """Sequences longer than two windows attend in W-bands: while training, dropout on the
+    attention weights changes the output of queries in every band (not only the plain
+    pass's), and no query sees past its window either way."""
+    W, T, H, K = 4, 20, 2, 8
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    q = jax.random.normal(keys[0], (1, T, H, K))
+    k = jax.random.normal(keys[1], (1, T, H, K))
+    v = jax.random.normal(keys[2], (1, T, H, K))
+    positions = jnp.arange(T)
+    block = transformer.KeysValues.of(k, v, positions)
+
+    def core(is_training):
+        return transformer.attend(q, positions, (block,), W, 0.5, is_training)
+
+    apply = hk.transform(core).apply
+    plain = apply({}, None, False)
+    dropped = apply({}, jax.random.PRNGKey(1), True)
+    for band in range(T // W):
+        rows = slice(band * W, (band + 1) * W)
+        assert not np.allclose(dropped[:, rows], plain[:, rows]), band
+    # The plain rows are the windowed softmax attention, computed here directly.
+    scores = jnp.einsum("bthk,bshk->bhts", q, k) / np.sqrt(K)
+    offset = positions[:, None] - positions[None, :]
+    weights = jax.nn.softmax(jnp.where((offset >= 0) & (offset < W), scores, -jnp.inf))
+    np.testing.assert_allclose(plain, jnp.einsum("bhts,bshk->bthk", weights, v), atol=1e-5)
