@@ -107,3 +107,24 @@ def test_eval_refuses_sampling_options():
     result = run_script("eval.py", "--temperature=0.5")
     assert result.returncode == 2
     assert "unknown option --temperature" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_nanogpt_measure_reads_256_character_windows(tmp_path):
+    """val_loss_256: non-overlapping 256-character windows over the whole validation split,
+    every position counted, computed here window by window. A model with learned positions
+    (its logits depend on the position in the window) tells it from the 128-character
+    val_loss."""
+    import train
+    from conftest import TINY, tiny_config
+
+    hp = TINY._replace(max_seq_len=256)
+    meta = train.train(tiny_config(tmp_path, max_iters=10, eval_interval=10, batch_size=4), hp)
+    best = train.params_paths(str(tmp_path / "params"), meta["run_hash"])[1]
+    result = run_script("eval.py", f"--params={best}", f"--source_file={CORPUS}")
+    assert result.returncode == 0, result.stderr
+    metrics = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+    ckpt = checkpoint.load(best)
+    _, val_ids = data.split(data.encode(data.load_corpus(CORPUS), ckpt.vocab))
+    expected = independent_loss(ckpt, val_ids, 256)
+    assert float(metrics["val_loss_256"]) == pytest.approx(expected, abs=2e-4)
+    assert abs(float(metrics["val_loss"]) - expected) > 1e-3  # 128-character windows

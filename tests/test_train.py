@@ -654,19 +654,17 @@ def test_ema_logs_both_losses_of_the_averaged_params(tmp_path):
 @pytest.mark.parametrize("compute_dtype", ["auto", "float32", "bfloat16"])
 def test_training_step_runs_its_matmuls_in_the_compute_dtype_it_reports(tmp_path,
                                                                         compute_dtype):
-    """What the compiled step multiplies: bfloat16 operands where the chosen (or auto's)
-    dtype is bfloat16, none where it is float32."""
-    chosen, _ = kernels.choose_compute_dtype(compute_dtype)
-    config = tiny_config(tmp_path, compute_dtype=compute_dtype)
-    model = transformer.build(TINY, 20, chosen)
-    optimizer = train.make_optimizer(config)
-    state = train.fresh_start(config, TINY, "x" * 20, model, optimizer).state
-    step = train.make_train_step(model, optimizer, 8, TINY.max_seq_len)
-    hlo = step.lower(state, jax.numpy.zeros(100, jax.numpy.int32)).as_text()
-    dots = [l for l in hlo.splitlines() if "dot_general" in l or "stablehlo.dot" in l]
+    """What train.py's compiled step multiplies: bfloat16 operands where the dtype the run
+    reports (auto's choice, or the one asked for) is bfloat16, none where it is float32."""
+    import time
+
+    setup = train.set_up(tiny_config(tmp_path, compute_dtype=compute_dtype), TINY, time.time())
+    reported = setup.run.meta["compute_dtype"]
+    assert reported == kernels.choose_compute_dtype(compute_dtype)[0]
+    hlo = setup.train_step.lower(setup.state, setup.train_ids).as_text()
+    dots = [l for l in hlo.splitlines() if "dot_general" in l]
     assert dots
-    low = [l for l in dots if "bf16" in l]
-    assert bool(low) == (chosen == "bfloat16"), (compute_dtype, chosen)
+    assert any("bf16" in l for l in dots) == (reported == "bfloat16"), (compute_dtype, reported)
 
 
 def test_muon_scales_each_matrix_by_haikus_in_out_layout():
