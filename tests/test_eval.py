@@ -33,6 +33,22 @@ def independent_loss(ckpt, ids, seq_len):
     return total / count
 
 
+def trained_and_evaluated(tmp_path, hp, **changes):
+    """A brief training run of `hp` on the corpus, then eval.py on its best file:
+    (its checkpoint, eval.py's metrics, the validation ids)."""
+    import train
+    from conftest import tiny_config
+
+    meta = train.train(tiny_config(tmp_path, **changes), hp)
+    best = train.params_paths(str(tmp_path / "params"), meta["run_hash"])[1]
+    result = run_script("eval.py", f"--params={best}", f"--source_file={CORPUS}")
+    assert result.returncode == 0, result.stderr
+    metrics = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+    ckpt = checkpoint.load(best)
+    _, val_ids = data.split(data.encode(data.load_corpus(CORPUS), ckpt.vocab))
+    return ckpt, metrics, val_ids
+
+
 def test_eval_metrics_match_an_independent_computation(tiny_run):
     result = run_script("eval.py", f"--params={tiny_run['best']}", f"--source_file={CORPUS}")
     assert result.returncode == 0, result.stderr
@@ -67,17 +83,11 @@ def test_streaming_model_also_reports_the_loss_its_sampler_gives(tmp_path):
     predicted with all the text before it. Computed independently here in segments of 64
     targets, each read with the reach of the model before it (decoder_N * (W - 1)
     characters: all that can affect its predictions)."""
-    import train
-    from conftest import TINY, tiny_config
+    from conftest import TINY
 
     hp = TINY._replace(positions="rotary", attention_window=8, max_seq_len=32)
-    meta = train.train(tiny_config(tmp_path, max_iters=30, eval_interval=30), hp)
-    best = train.params_paths(str(tmp_path / "params"), meta["run_hash"])[1]
-    result = run_script("eval.py", f"--params={best}", f"--source_file={CORPUS}")
-    assert result.returncode == 0, result.stderr
-    metrics = dict(line.split(": ", 1) for line in result.stdout.splitlines())
-    ckpt = checkpoint.load(best)
-    _, val_ids = data.split(data.encode(data.load_corpus(CORPUS), ckpt.vocab))
+    ckpt, metrics, val_ids = trained_and_evaluated(tmp_path, hp, max_iters=30,
+                                                   eval_interval=30)
     reach, length = hp.decoder_N * (hp.attention_window - 1), 64
     apply = jax.jit(transformer.build(hp, len(ckpt.vocab)).apply, static_argnums=3)
     inputs, targets = val_ids[:-1], val_ids[1:]
@@ -114,17 +124,11 @@ def test_nanogpt_measure_reads_256_character_windows(tmp_path):
     every position counted, computed here window by window. A model with learned positions
     (its logits depend on the position in the window) tells it from the 128-character
     val_loss."""
-    import train
-    from conftest import TINY, tiny_config
+    from conftest import TINY
 
-    hp = TINY._replace(max_seq_len=256)
-    meta = train.train(tiny_config(tmp_path, max_iters=10, eval_interval=10, batch_size=4), hp)
-    best = train.params_paths(str(tmp_path / "params"), meta["run_hash"])[1]
-    result = run_script("eval.py", f"--params={best}", f"--source_file={CORPUS}")
-    assert result.returncode == 0, result.stderr
-    metrics = dict(line.split(": ", 1) for line in result.stdout.splitlines())
-    ckpt = checkpoint.load(best)
-    _, val_ids = data.split(data.encode(data.load_corpus(CORPUS), ckpt.vocab))
+    ckpt, metrics, val_ids = trained_and_evaluated(tmp_path, TINY._replace(max_seq_len=256),
+                                                   max_iters=10, eval_interval=10,
+                                                   batch_size=4)
     expected = independent_loss(ckpt, val_ids, 256)
     assert float(metrics["val_loss_256"]) == pytest.approx(expected, abs=2e-4)
     assert abs(float(metrics["val_loss"]) - expected) > 1e-3  # 128-character windows
