@@ -123,7 +123,7 @@ def bench_train(config, hp) -> dict:
     import data
     import train
 
-    text = data.load_corpus()
+    text = data.read_text(data.CORPUS_FILE)
     vocab = data.build_vocab(text)
     train_ids = jnp.asarray(data.split(data.encode(text, vocab))[0])
     train_config = train_config_of(config)
@@ -199,6 +199,18 @@ def bench_sample(config, hp) -> dict:
     return out
 
 
+def prefill_lengths(config) -> list[int]:
+    """--prefill_lengths as sorted ints; UserError unless all are >= 1."""
+    try:
+        lengths = sorted(int(n) for n in config.prefill_lengths.split(","))
+    except ValueError:
+        lengths = [0]
+    if lengths[0] < 1:
+        raise UserError(f"--prefill_lengths={config.prefill_lengths!r}: comma-separated "
+                        "context lengths >= 1.")
+    return lengths
+
+
 def bench_prefill(config, hp) -> dict:
     """A streaming model reading a context (Sampler.start, one stream) of each of
     prefill_lengths characters, shortest first, in one process: characters/s, and the peak
@@ -212,10 +224,10 @@ def bench_prefill(config, hp) -> dict:
     params = kernels.add_transposed_weights(jax.device_put(params))
     sampler = generate.Sampler(hp, vocab_size,
                                prefill_chunk=config.prefill_chunk or generate.PREFILL_CHUNK)
-    lengths = sorted(int(n) for n in config.prefill_lengths.split(","))
+    lengths = prefill_lengths(config)
     ids = np.random.default_rng(0).integers(0, vocab_size, max(lengths), dtype=np.int32)
     sampler.start(params, ids[:1], 1).logits.block_until_ready()  # compile
-    out = {"prefill_chunk": sampler.prefill_chunk_size}
+    out = {"prefill_chunk": sampler.prefill_chunk}
     for n in lengths:
         start = time.perf_counter()
         sampler.start(params, ids[:n], 1).logits.block_until_ready()
@@ -307,13 +319,7 @@ def main(argv) -> int:
         transformer.validate(hp)
     except ValueError as e:
         raise UserError(str(e)) from None
-    try:
-        lengths = [int(n) for n in config.prefill_lengths.split(",")]
-    except ValueError:
-        lengths = [0]
-    if min(lengths) < 1:
-        raise UserError(f"--prefill_lengths={config.prefill_lengths!r}: comma-separated "
-                        "context lengths >= 1.")
+    prefill_lengths(config)  # checked here, before any section runs
     if config.prefill_chunk < 0:
         raise UserError(f"--prefill_chunk={config.prefill_chunk}: >= 1 (0: the default).")
     if hp.max_seq_len < 2:
@@ -413,7 +419,7 @@ def print_table(r: dict, hp, config) -> None:
                      f"{r['generate_short_peak_rss_mb']:.0f} MB at "
                      f"{config.generate_chars // 5:,} chars, "
                      f"{r['generate_long_peak_rss_mb']:.0f} MB at {config.generate_chars:,}"))
-    for n in sorted(int(n) for n in config.prefill_lengths.split(",")):
+    for n in prefill_lengths(config):
         if f"prefill_{n}_chars_per_s" in r:
             rows.append((f"prefill, a context of {n:,} chars",
                          f"{r[f'prefill_{n}_chars_per_s']:.0f} chars/s, peak RSS "

@@ -100,11 +100,6 @@ def read_text(path: str) -> str:
     return text
 
 
-def load_corpus(path: str = CORPUS_FILE) -> str:
-    """The Cervantes corpus (or any text at `path`): read_text."""
-    return read_text(path)
-
-
 def fetch(name: str, dest: str | None = None) -> str:
     """Copies $ENV or downloads the pinned URL of known text `name` to `dest` (default: its
     file), checked and atomic; returns where it came from."""

@@ -129,14 +129,14 @@ class Sampler:
                  top_p: float | None = None, min_p: float | None = None, chunk: int = CHUNK,
                  prefill_chunk: int = PREFILL_CHUNK):
         self.hp, self.vocab_size, self.chunk = hparams, vocab_size, chunk
-        self.prefill_chunk_size = prefill_chunk
+        self.prefill_chunk = prefill_chunk  # context characters per read_chunk call
         self.streaming = transformer.streams(hparams)
         self.model = transformer.build_cached(hparams, vocab_size)
         self.full = transformer.build(hparams, vocab_size)  # once the window is full
         self.rule = (temperature, top_k, top_p, min_p)  # pick's
         options = CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
         self.prefill = jax.jit(self._forward, compiler_options=options)
-        self.prefill_chunk = jax.jit(self._prefill_chunk, compiler_options=options)
+        self.read_chunk = jax.jit(self._read_chunk, compiler_options=options)
         self.sample_chunk = jax.jit(self._sample_chunk, static_argnames="cached",
                                     compiler_options=options)
         self.draw_noise = jax.jit(self._draw_noise, static_argnames=("size", "num_samples"))
@@ -146,7 +146,7 @@ class Sampler:
         logits, cache = self.model.apply(params, None, window, cache, 0)  # [B, S, V]
         return jax.lax.dynamic_index_in_dim(logits, length - 1, 1, keepdims=False), cache
 
-    def _prefill_chunk(self, params, tokens, cache, start, end):
+    def _read_chunk(self, params, tokens, cache, start, end):
         """A streaming model reads context positions start..start+C-1 (tokens [B, C]; those
         from `end` on are padding) through its RingCaches -> (logits [B, V] at position
         end - 1, if in this chunk, cache)."""
@@ -211,13 +211,13 @@ class Sampler:
         assert len(context_ids) >= 1, "the context needs at least one character"
         cache = empty_cache(self.hp, num_samples)
         if self.streaming:
-            n, C = len(context_ids), self.prefill_chunk_size
+            n, C = len(context_ids), self.prefill_chunk
             padded = np.zeros(-(-n // C) * C, np.int32)
             padded[:n] = context_ids
             for start in range(0, n, C):
                 chunk = jnp.asarray(np.tile(padded[start:start + C], (num_samples, 1)))
-                logits, cache = self.prefill_chunk(params, chunk, cache, np.int32(start),
-                                                   np.int32(n))
+                logits, cache = self.read_chunk(params, chunk, cache, np.int32(start),
+                                                np.int32(n))
             window = jnp.zeros((num_samples, 1), jnp.int32)  # unused: the rings hold it all
             return SamplerState(window, jnp.int32(n), cache, logits)
         S = self.hp.max_seq_len

@@ -19,7 +19,7 @@ CORPUS_VOCAB_SIZE = 88
 
 @pytest.fixture(scope="module")
 def corpus_text():
-    return data.load_corpus(CORPUS)
+    return data.read_text(CORPUS)
 
 
 @pytest.fixture
@@ -90,12 +90,12 @@ def test_encode_unknown_characters_are_all_listed():
 
 # ---- corpus file ----
 
-def test_load_corpus_accepts_the_corpus(corpus_text):
+def test_read_text_accepts_the_corpus(corpus_text):
     with open(CORPUS, encoding="utf-8", newline="") as f:
         assert corpus_text == f.read()
 
 
-def test_load_corpus_sha256_mismatch(tmp_path, monkeypatch):
+def test_read_text_sha256_mismatch(tmp_path, monkeypatch):
     path = _modified_copy(tmp_path)
     with open(path, "rb") as f:
         raw = f.read()
@@ -103,36 +103,36 @@ def test_load_corpus_sha256_mismatch(tmp_path, monkeypatch):
     (tmp_path / data.CORPUS_FILE).write_bytes(raw)  # where `make data` puts the corpus
     monkeypatch.chdir(tmp_path)
     with pytest.raises(common.UserError) as excinfo:
-        data.load_corpus()
+        data.read_text(data.CORPUS_FILE)
     message = str(excinfo.value)
     for expected in (data.CORPUS_FILE, digest, data.CORPUS_SHA256, "make data"):
         assert expected in message
     # Anywhere else it is the user's own text, read as it is.
-    assert len(data.load_corpus(path)) == CORPUS_CHARS
+    assert len(data.read_text(path)) == CORPUS_CHARS
 
 
-def test_load_corpus_missing_file(tmp_path, monkeypatch):
+def test_read_text_missing_file(tmp_path, monkeypatch):
     path = str(tmp_path / "absent.txt")
     with pytest.raises(common.UserError, match="not found") as excinfo:
-        data.load_corpus(path)
+        data.read_text(path)
     assert path in str(excinfo.value)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(common.UserError, match="make data"):
-        data.load_corpus()
+        data.read_text(data.CORPUS_FILE)
 
 
-def test_load_corpus_unreadable_path(tmp_path):
+def test_read_text_unreadable_path(tmp_path):
     # `--source_file=params` (a folder) must be a user error, not an IsADirectoryError traceback.
     with pytest.raises(common.UserError) as excinfo:
-        data.load_corpus(str(tmp_path))
+        data.read_text(str(tmp_path))
     assert str(tmp_path) in str(excinfo.value)
 
 
-def test_load_corpus_not_utf8(tmp_path):
+def test_read_text_not_utf8(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("señor".encode("latin-1"))
     with pytest.raises(common.UserError, match="not UTF-8"):
-        data.load_corpus(str(path))
+        data.read_text(str(path))
 
 
 def test_fetch_copies_novelas_ejemplares(tmp_path, monkeypatch, no_network):
@@ -164,7 +164,7 @@ def test_fetch_keeps_a_previous_file_when_refusing(tmp_path, monkeypatch, no_net
     monkeypatch.setenv("NOVELAS_EJEMPLARES", _modified_copy(tmp_path))
     with pytest.raises(common.UserError):
         data.fetch("novelas", str(dest))
-    assert len(data.load_corpus(str(dest))) == CORPUS_CHARS
+    assert len(data.read_text(str(dest))) == CORPUS_CHARS
 
 
 def test_fetch_unreadable_source(tmp_path, monkeypatch, no_network):

@@ -45,7 +45,7 @@ def trained_and_evaluated(tmp_path, hp, **changes):
     assert result.returncode == 0, result.stderr
     metrics = dict(line.split(": ", 1) for line in result.stdout.splitlines())
     ckpt = checkpoint.load(best)
-    _, val_ids = data.split(data.encode(data.load_corpus(CORPUS), ckpt.vocab))
+    _, val_ids = data.split(data.encode(data.read_text(CORPUS), ckpt.vocab))
     return ckpt, metrics, val_ids
 
 
@@ -54,7 +54,7 @@ def test_eval_metrics_match_an_independent_computation(tiny_run):
     assert result.returncode == 0, result.stderr
     metrics = dict(line.split(": ", 1) for line in result.stdout.splitlines())
     ckpt = checkpoint.load(tiny_run["best"])
-    ids = data.encode(data.load_corpus(CORPUS), ckpt.vocab)
+    ids = data.encode(data.read_text(CORPUS), ckpt.vocab)
     _, val_ids = data.split(ids)
     seq_len = ckpt.hparams.max_seq_len  # the tiny model's window is under 128
     assert int(metrics["eval_seq_len"]) == seq_len

@@ -22,7 +22,7 @@ out_dir = sys.argv[1]
 # so its result depends on the split by more than this test's tolerance.
 config = tiny_config(out_dir, max_iters=20, eval_interval=10, batch_size=8, log_interval=1,
                      compute_dtype="float32")
-text = data.load_corpus(config.source_file)
+text = data.read_text(config.source_file)
 vocab = data.build_vocab(text)
 model = transformer.build(TINY, len(vocab))
 optimizer = train.make_optimizer(config)

@@ -28,7 +28,7 @@ def test_loss_falls_well_below_character_frequencies(tiny_run):
     the best that a model of character frequencies alone can do."""
     history = tiny_run["meta"]["history"]
     assert history["step"] == [50, 100]
-    ids = data.encode(data.load_corpus(CORPUS), checkpoint.load(tiny_run["best"]).vocab)
+    ids = data.encode(data.read_text(CORPUS), checkpoint.load(tiny_run["best"]).vocab)
     counts = np.bincount(data.split(ids)[0])
     p = counts[counts > 0] / counts.sum()
     unigram_entropy = float(-(p * np.log(p)).sum())
@@ -58,7 +58,7 @@ def test_both_params_files_hold_their_steps(tiny_run):
 
 
 def val_loss_of(ckpt: checkpoint.Checkpoint) -> float:
-    ids = evaluation.data.encode(evaluation.data.load_corpus(CORPUS), ckpt.vocab)
+    ids = evaluation.data.encode(evaluation.data.read_text(CORPUS), ckpt.vocab)
     _, val = evaluation.split_windows(ids, min(evaluation.EVAL_SEQ_LEN, TINY.max_seq_len))
     window_loss = evaluation.make_window_loss(transformer.build(ckpt.hparams, len(ckpt.vocab)))
     return evaluation.mean_loss(window_loss, ckpt.params, data.batch_windows(val, 512))
@@ -73,7 +73,7 @@ def test_ema_evaluates_the_debiased_average_of_the_iterates(tmp_path):
     """With ema_decay d, the params evaluated after n steps are the iterates p_1..p_n
     averaged with weights (1 - d) d^(n - i), divided by 1 - d^n so that they sum to 1."""
     config = tiny_config(tmp_path, ema_decay=0.8)
-    text = data.load_corpus(CORPUS)
+    text = data.read_text(CORPUS)
     vocab = data.build_vocab(text)
     train_ids = jax.numpy.asarray(data.split(data.encode(text, vocab))[0])
     model = transformer.build(TINY, len(vocab))
@@ -415,7 +415,7 @@ def test_train_step_compiles_once(tmp_path, optimizer):
     compiles again (counted with jax.monitoring's compile events, whatever the persistent
     cache holds)."""
     config = tiny_config(tmp_path, optimizer=optimizer)
-    text = evaluation.data.load_corpus(CORPUS)
+    text = evaluation.data.read_text(CORPUS)
     vocab = evaluation.data.build_vocab(text)
     model = transformer.build(TINY, len(vocab))
     optimizer = train.make_optimizer(config)
@@ -642,7 +642,7 @@ def test_ema_logs_both_losses_of_the_averaged_params(tmp_path):
     config = tiny_config(tmp_path, max_iters=20, eval_interval=20, ema_decay=0.9)
     meta = train.train(config, TINY)
     best = checkpoint.load(train.params_paths(config.params_dir, meta["run_hash"])[1])
-    ids = data.encode(data.load_corpus(CORPUS), best.vocab)
+    ids = data.encode(data.read_text(CORPUS), best.vocab)
     train_windows, val_windows = evaluation.split_windows(ids, TINY.max_seq_len)
     window_loss = evaluation.make_window_loss(transformer.build(TINY, len(best.vocab)))
     for name, windows in (("train_loss", train_windows), ("val_loss", val_windows)):
