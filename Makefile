@@ -3,7 +3,7 @@
 PYTHON := .venv/bin/python
 VENV := .venv/requirements.installed
 
-.PHONY: venv data shakespeare generate train eval bench test
+.PHONY: venv data shakespeare generate train eval visualize bench test
 
 # The venv is made once; a changed requirements.txt reinstalls (the stamp is a copy of it).
 $(VENV): requirements.txt
@@ -28,6 +28,9 @@ train: $(VENV) data
 
 eval: $(VENV) data
 	$(PYTHON) eval.py $(ARGS)
+
+visualize: $(VENV) data
+	$(PYTHON) visualize.py $(ARGS)
 
 bench: $(VENV)
 	$(PYTHON) bench.py $(ARGS)

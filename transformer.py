@@ -134,19 +134,28 @@ def softmax_attention(q: jax.Array, positions: jax.Array, blocks: Sequence[KeysV
                       window: int | None, dropout: float, dtype=jnp.float32) -> jax.Array:
     """softmax(q k / sqrt(K)) v, each query over the keys it sees (`visible`), with `dropout`
     on the attention weights; the blocks' keys are scored together, as one sequence."""
-    masks = [visible(positions, b.positions, window) for b in blocks]       # [T, S] each
-    # Matmuls' operands in dtype, accumulated in float32; softmax in float32.
-    q, *keys = (x.astype(dtype) for x in (q, *(b.k for b in blocks)))
-    logits = jnp.concatenate([kernels.einsum("bthk,bhks->bhts", q, k) for k in keys],
-                             axis=-1)                                      # [B, H, T, S]
-    logits = jnp.where(jnp.concatenate(masks, axis=1), logits / math.sqrt(q.shape[-1]),
-                       jnp.finfo(logits.dtype).min)
-    weights = kernels.dropout(jax.nn.softmax(logits), dropout, dropout > 0)  # [B, H, T, S]
+    weights = kernels.dropout(attention_weights(q, positions, blocks, window, dtype), dropout,
+                              dropout > 0)                                 # [B, H, T, S]
     weights, *values = (x.astype(dtype) for x in (weights, *(b.v for b in blocks)))
     splits = np.cumsum([v.shape[2] for v in values])[:-1]
     first, *rest = [kernels.einsum("bhts,bhsk->bthk", w, v)               # [B, T, H, K]
                     for w, v in zip(jnp.split(weights, splits, axis=-1), values)]
     return sum(rest, first)
+
+
+def attention_weights(q: jax.Array, positions: jax.Array, blocks: Sequence[KeysValues],
+                      window: int | None, dtype=jnp.float32) -> jax.Array:
+    """[B, H, T, S]: softmax(q k / sqrt(K)) of queries q [B, T, H, K] at `positions` over the
+    keys of every block, in order; 0 where a query does not see a key (`visible`). Each
+    row sums to one. Its matmuls' operands in dtype, accumulated in float32; softmax in
+    float32."""
+    masks = [visible(positions, b.positions, window) for b in blocks]       # [T, S] each
+    q, *keys = (x.astype(dtype) for x in (q, *(b.k for b in blocks)))
+    logits = jnp.concatenate([kernels.einsum("bthk,bhks->bhts", q, k) for k in keys],
+                             axis=-1)                                      # [B, H, T, S]
+    logits = jnp.where(jnp.concatenate(masks, axis=1), logits / math.sqrt(q.shape[-1]),
+                       jnp.finfo(logits.dtype).min)
+    return jax.nn.softmax(logits)
 
 
 def fused_attention(q: jax.Array, positions: jax.Array, blocks: Sequence[KeysValues],
@@ -198,12 +207,13 @@ class Attention(hk.Module):
             hp.positions == "rotary")
         self.dtype = dtype  # of the attention matmuls' operands (see build)
 
-    def __call__(self, x, positions, is_training, cache=None, memory=None, last_query=False):
-        """x [B, T, D] at `positions` [T] attends over itself, or over memory (the encoder's
-        output [B, S, D] at `positions` [S], of which x is at the last T), and over what the
-        cache holds; the cache (kv_cache.py) is returned updated. With last_query (no cache)
-        only the last position queries: the output is [B, 1, D]. -> (out [B, T, D], cache)"""
-        B, T, D = x.shape
+    @hk.experimental.name_like("__call__")  # its Linears keep their names (no "~project")
+    def project(self, x, positions, memory=None):
+        """The queries of x [B, T, D] and the keys and values of x (or of memory [B, S, D]),
+        rotary positions applied: (q [B, T, H, K], the queries' positions [T], KeysValues at
+        `positions`). Its own method, so that Haiku's hk.intercept_methods can read what
+        each attention block scores (visualize.py) without a second copy of the model."""
+        B, T, _ = x.shape
         H, K = self.num_heads, self.key_size
         # Fused projections: one wide matmul runs faster than three narrow ones.
         if memory is None:
@@ -217,7 +227,15 @@ class Attention(hk.Module):
         if self.rotary:  # keys are cached rotated
             q = rotate(q, *rotary_angles(positions, K))
             k = rotate(k, *rotary_angles(key_positions, K))
-        new = KeysValues.of(k, v, key_positions)              # [B, H, K, S], [B, H, S, K]
+        return q, positions, KeysValues.of(k, v, key_positions)  # [B, H, K, S], [B, H, S, K]
+
+    def __call__(self, x, positions, is_training, cache=None, memory=None, last_query=False):
+        """x [B, T, D] at `positions` [T] attends over itself, or over memory (the encoder's
+        output [B, S, D] at `positions` [S], of which x is at the last T), and over what the
+        cache holds; the cache (kv_cache.py) is returned updated. With last_query (no cache)
+        only the last position queries: the output is [B, 1, D]. -> (out [B, T, D], cache)"""
+        B, _, D = x.shape
+        q, positions, new = self.project(x, positions, memory)
         if cache is None:
             blocks = (new,)
         else:  # the cache keeps the new keys and values and says what to attend over
@@ -226,7 +244,7 @@ class Attention(hk.Module):
             q, positions = q[:, -1:], positions[-1:]                     # [B, 1, H, K]
         out = attend(q, positions, blocks, self.window, self.dropout, is_training,
                      self.dtype)                                         # [B, T, H, K]
-        out = Linear(D, name="out")(out.reshape(B, q.shape[1], H * K))  # [B, T, D]
+        out = Linear(D, name="out")(out.reshape(B, q.shape[1], D))      # [B, T, D]
         return kernels.dropout(out, self.dropout, is_training), cache
 
 
