@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -152,12 +153,69 @@ def test_overrides_are_typed_and_checked():
 
 
 def test_preset_sets_defaults_that_arguments_override():
-    assert train.resolve([]) == (train.CONFIG, transformer.HPARAMS)
+    assert train.resolve(["--preset=original"]) == (
+        train.CONFIG._replace(preset="original"), transformer.HPARAMS)
     cpu_config, cpu_hparams = train.PRESETS["cpu"]
     config, hparams = train.resolve(["--preset=cpu", "--batch_size=8"])
     assert hparams == transformer.validate(cpu_hparams) != transformer.HPARAMS
     assert config == cpu_config._replace(batch_size=8) and config.preset == "cpu"
-    train.check_config(cpu_config)
+    for config, hparams in train.PRESETS.values():
+        train.check_config(config)
+        transformer.validate(hparams)
+
+
+def test_auto_preset_picks_the_recipe_for_the_machine():
+    """No --preset: the CPU recipe on a CPU (this machine), the GPU recipe on a GPU or TPU,
+    each a streaming model; the config records the preset chosen, not "auto"."""
+    assert train.CONFIG.preset == "auto"
+    assert train.resolve([]) == train.PRESETS["cpu"]
+    assert train.resolve(["--preset=auto", "--max_iters=7"])[0] == train.PRESETS["cpu"][
+        0]._replace(max_iters=7)
+    assert train.choose_preset("auto", "cpu")[0] == "cpu"
+    for platform in ("gpu", "tpu"):
+        name, why = train.choose_preset("auto", platform)
+        assert name == "gpu" and platform in why
+    assert train.choose_preset("original", "gpu") == ("original", "--preset")
+    assert transformer.streams(train.PRESETS["gpu"][1])
+
+
+def test_gpu_recipe_lowers_for_cuda():
+    """The GPU recipe cannot be timed here, but its training step (bfloat16, as auto picks on
+    a GPU) and its sampler's jitted calls must lower for CUDA: jax.export needs no GPU."""
+    config, hp = train.PRESETS["gpu"]
+    config = config._replace(compute_dtype="bfloat16")
+    V = 65
+    model = transformer.build(hp, V, "bfloat16")
+    optimizer = train.make_optimizer(config)
+    step = train.make_train_step(model, optimizer, config.batch_size, hp.max_seq_len,
+                                 shuffle_key=jax.random.PRNGKey(1))
+
+    def initial_state():
+        params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, hp.max_seq_len), jnp.int32),
+                            False)
+        return train.TrainState(params, optimizer.init(params), jax.random.PRNGKey(2),
+                                jnp.int32(0))
+
+    state = jax.eval_shape(initial_state)
+    ids = jax.ShapeDtypeStruct((1_000_000,), jnp.int32)
+    exported = jax.export.export(step, platforms=["cuda"])(state, ids)
+    assert exported.platforms == ("cuda",)
+    assert "bf16" in exported.mlir_module()  # the matmuls run in bfloat16
+
+    sampler = generate.Sampler(hp, V)
+    params = jax.eval_shape(lambda p: kernels.add_transposed_weights(p), state.params)
+    cache = jax.eval_shape(lambda: generate.empty_cache(hp, 1))
+    tokens = jax.ShapeDtypeStruct((1, sampler.prefill_chunk), jnp.int32)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    jax.export.export(sampler.read_chunk, platforms=["cuda"])(params, tokens, cache, scalar,
+                                                              scalar)
+    sampler_state = generate.SamplerState(
+        jax.ShapeDtypeStruct((1, 1), jnp.int32), scalar, cache,
+        jax.ShapeDtypeStruct((1, V), jnp.float32))
+    noise = jax.ShapeDtypeStruct((sampler.chunk, 1, V), jnp.float32)
+    exported = jax.export.export(sampler.sample_chunk, platforms=["cuda"])(
+        params, sampler_state, noise, cached=True)
+    assert exported.platforms == ("cuda",)
 
 
 def test_resume_keeps_the_saved_config_under_new_arguments(tiny_run):
@@ -174,7 +232,7 @@ def test_resume_keeps_the_saved_config_under_new_arguments(tiny_run):
     (["--batch_size=0"], "--batch_size=0: must be >= 1"),
     (["--d_model=30", "--h=4"], "d_model=30 must be divisible by h=4"),
     (["--resume=/nonexistent.pkl"], "cannot read params file"),
-    (["--preset=tpu"], "--preset=tpu: unknown preset. Valid presets: gpu, cpu"),
+    (["--preset=tpu"], "--preset=tpu: unknown preset. Valid presets: auto, original, cpu"),
     (["--compute_dtype=float16"], "--compute_dtype='float16': one of auto, bfloat16, float32"),
     (["--optimizer=sgd"], "--optimizer='sgd': one of adamw, muon"),
     (["--schedule=step"], "--schedule='step': one of cosine, wsd"),
