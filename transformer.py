@@ -43,6 +43,9 @@ class HParams(NamedTuple):
     attention_window: int | None = None  # W: a query sees itself and the W - 1 positions
                                 # before it; None: every earlier one. Rotary and a window
                                 # make a streaming model: any length, one cached step a char
+    stochastic_depth: float = 0.0  # while training, drop each sequence's residual branches
+                                # (attention, feed-forward) of a layer: the last layer at this
+                                # rate, layer i of N at (i + 1) / N of it (stochastic depth)
 
 
 HPARAMS = HParams()
@@ -56,8 +59,9 @@ def validate(hp: HParams) -> HParams:
             raise ValueError(f"HParams.{field}={value!r}: must be an integer >= 1.")
     if hp.d_model % hp.h:
         raise ValueError(f"HParams.d_model={hp.d_model} must be divisible by h={hp.h}.")
-    if not 0.0 <= hp.dropout < 1.0:
-        raise ValueError(f"HParams.dropout={hp.dropout!r}: must be in [0, 1).")
+    for field in ("dropout", "stochastic_depth"):
+        if not 0.0 <= getattr(hp, field) < 1.0:
+            raise ValueError(f"HParams.{field}={getattr(hp, field)!r}: must be in [0, 1).")
     if hp.use_encoder and hp.encoder_N > hp.decoder_N:
         raise ValueError(
             f"HParams.encoder_N={hp.encoder_N}: each encoder layer feeds the decoder layer of "
@@ -261,10 +265,12 @@ def _feed_forward(x: jax.Array, hp: HParams, is_training: bool, read_w_t: bool) 
 class Layer(hk.Module):
     """Pre-norm layer: x + SelfAttention(LN(x)) [+ CrossAttention(LN(x), memory)] + FF(LN(x))."""
 
-    def __init__(self, hp: HParams, name: str, dtype=jnp.float32, read_w_t: bool = False):
+    def __init__(self, hp: HParams, name: str, dtype=jnp.float32, read_w_t: bool = False,
+                 drop_rate: float = 0.0):
         super().__init__(name=name)
         self.hp, self.dtype = hp, dtype  # dtype: attention's matmuls' (see build)
         self.read_w_t = read_w_t          # single rows read transposed weights (kernels.Linear)
+        self.drop_rate = drop_rate        # stochastic depth: of each branch, per sequence
 
     def __call__(self, x, positions, is_training, memory=None, cache=None, last_query=False):
         """x [B, T, D] -> ([B, T, D], or [B, 1, D]: the last position only, with last_query,
@@ -272,17 +278,27 @@ class Layer(hk.Module):
         the cache). cache: {"self": ..., "cross": ...}, one per attention block, or None."""
         cache = cache or {}
         new_cache = {}
+        branch = lambda out: drop_branch(out, self.drop_rate, is_training)
         out, new_cache["self"] = Attention(self.hp, "self_attention", self.dtype)(
             _layer_norm("ln_self")(x), positions, is_training, cache.get("self"),
             last_query=last_query)
-        x = (x[:, -1:] if last_query else x) + out
+        x = (x[:, -1:] if last_query else x) + branch(out)
         if memory is not None:
             out, new_cache["cross"] = Attention(self.hp, "cross_attention", self.dtype)(
                 _layer_norm("ln_cross")(x), positions, is_training, cache.get("cross"), memory,
                 last_query=last_query)
-            x = x + out
-        x = x + _feed_forward(_layer_norm("ln_ff")(x), self.hp, is_training, self.read_w_t)
-        return x, new_cache
+            x = x + branch(out)
+        ff = _feed_forward(_layer_norm("ln_ff")(x), self.hp, is_training, self.read_w_t)
+        return x + branch(ff), new_cache
+
+
+def drop_branch(out: jax.Array, rate: float, is_training: bool) -> jax.Array:
+    """Stochastic depth (Huang et al. 2016): while training, a residual branch's output
+    [B, T, D] is dropped for a whole sequence with probability `rate`, the kept ones scaled by
+    1 / (1 - rate); the layer then passes that sequence's stream through unchanged."""
+    if not is_training or rate == 0:
+        return out
+    return hk.dropout(hk.next_rng_key(), rate, out, broadcast_dims=(1, 2))
 
 
 def sinusoidal_encodings(max_seq_len: int, d_model: int) -> np.ndarray:
@@ -335,12 +351,14 @@ class Transformer(hk.Module):
             h = x
             for i in range(hp.encoder_N):
                 name = f"encoder_{i}"
-                h, new_cache[name] = Layer(hp, name, self.dtype, self.read_w_t)(
+                h, new_cache[name] = Layer(hp, name, self.dtype, self.read_w_t,
+                                           hp.stochastic_depth * (i + 1) / hp.encoder_N)(
                     h, positions, is_training, cache=layer_cache(name))
                 memories.append(h)
         for i in range(hp.decoder_N):
             name = f"decoder_{i}"
-            x, new_cache[name] = Layer(hp, name, self.dtype, self.read_w_t)(
+            x, new_cache[name] = Layer(hp, name, self.dtype, self.read_w_t,
+                                       hp.stochastic_depth * (i + 1) / hp.decoder_N)(
                 x, positions, is_training, memories[i] if i < len(memories) else None,
                 layer_cache(name), last_query=last_only and i == hp.decoder_N - 1)
         x = _layer_norm("ln_final")(x)

@@ -361,6 +361,47 @@ def test_zeroed_branches_make_every_layer_the_identity(use_encoder):
     np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=1e-5)
 
 
+def branches_zeroed(params):
+    """The params with every residual branch's output projection zeroed."""
+    branch_outputs = ("self_attention/out", "cross_attention/out", "ff_out")
+    return {name: jax.tree_util.tree_map(jnp.zeros_like, module)
+            if module_name(name).endswith(branch_outputs) else module
+            for name, module in params.items()}
+
+
+@pytest.mark.parametrize("use_encoder", [False, True])
+def test_stochastic_depth_drops_whole_sequences_branches_in_training_only(use_encoder):
+    """Stochastic depth drops a layer's branches for whole sequences: at a rate near 1 each
+    sequence's logits are those of the model with every branch zeroed; evaluation never
+    drops; and at rate r the last layer's branches stay in about 1 - r of the sequences,
+    scaled by 1 / (1 - r)."""
+    hp = tiny(use_encoder, dropout=0.0, decoder_N=1, stochastic_depth=0.999)
+    params = random_params(hp)
+    tokens = random_tokens(21)
+    dropped = jitted_apply(hp, True)(params, jax.random.PRNGKey(3), tokens)
+    no_branches = jitted_apply(hp, False)(branches_zeroed(params), None, tokens)
+    np.testing.assert_allclose(dropped, no_branches, atol=1e-5, rtol=1e-5)
+    plain = jitted_apply(hp._replace(stochastic_depth=0.0), False)(params, None, tokens)
+    np.testing.assert_array_equal(jitted_apply(hp, False)(params, None, tokens), plain)
+
+    # Rate 0.5 at the last layer: each sequence keeps its feed-forward branch (x2) or not.
+    hp = tiny(False, dropout=0.0, decoder_N=1, stochastic_depth=0.5)
+    params = random_params(hp)
+
+    def stream(params, rng, tokens):  # the residual stream after the layer
+        return hk.transform(lambda t: transformer.Layer(hp, "decoder_0", drop_rate=0.5)(
+            t, jnp.arange(t.shape[1]), True)[0]).apply(params, rng, tokens)
+
+    x = jax.random.normal(jax.random.PRNGKey(5), (400, 3, hp.d_model))
+    layer_params = {k.removeprefix("transformer/"): v for k, v in params.items()
+                    if k.startswith("transformer/decoder_0")}
+    out = jax.jit(stream)(layer_params, jax.random.PRNGKey(6), x)
+    keep_none = jax.jit(stream)(branches_zeroed(layer_params), jax.random.PRNGKey(6), x)
+    np.testing.assert_allclose(keep_none, x, atol=1e-6)  # zeroed branches: the stream alone
+    unchanged = np.all(np.isclose(out, x, atol=1e-6), axis=(1, 2))  # both branches dropped
+    assert 0.15 < unchanged.mean() < 0.35, unchanged.mean()  # 0.5 * 0.5 of the sequences
+
+
 # ---------------------------------------------------------------------------------------------
 # Encoder wiring
 
@@ -474,6 +515,8 @@ INVALID = [
     ("dropout", TINY._replace(dropout=-0.1)),
     ("dropout", TINY._replace(dropout=1.0)),
     ("dropout", TINY._replace(dropout=1.5)),
+    ("stochastic_depth", TINY._replace(stochastic_depth=1.0)),
+    ("stochastic_depth", TINY._replace(stochastic_depth=-0.5)),
     ("encoder_N", TINY._replace(use_encoder=True, encoder_N=3, decoder_N=2)),
     ("positions", TINY._replace(positions="relative")),
     ("positions", TINY._replace(positions="rotary", d_model=36, h=4)),  # odd key size 9
