@@ -189,3 +189,19 @@ def test_bad_input_exits_2_and_writes_nothing(streaming_run, tmp_path, args, mes
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_default_text_is_the_validation_split_else_the_sample_context(streaming_run, capsys):
+    """By default the page shows the validation split of the text the model was trained on,
+    from its first whole line; where that file is missing (a fresh clone before `make
+    data`), eval_context.txt, saying so."""
+    ckpt = checkpoint.load(streaming_run)
+    config = visualize.Config(params=streaming_run, num_chars=200)
+    text = data.read_text(CORPUS)
+    val = text[len(data.split(np.arange(len(text)))[0]):]
+    shown = visualize.read_shown_text(ckpt, config)
+    assert shown == val[val.index("\n") + 1:][:200]
+    moved = ckpt._replace(meta={**ckpt.meta, "config": {"source_file": "/nowhere/text.txt"}})
+    assert visualize.read_shown_text(moved, config) == data.read_text(
+        os.path.join(ROOT, "eval_context.txt"))
+    assert "/nowhere/text.txt is missing" in capsys.readouterr().err
