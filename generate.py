@@ -205,19 +205,24 @@ class Sampler:
 
     def start(self, params, context_ids: np.ndarray, num_samples: int) -> SamplerState:
         """The state after reading the context's last max_seq_len ids in one pass or, for a
-        streaming model, all of them, prefill_chunk at a time (memory independent of the
-        context's length); at least one id."""
+        streaming model, the last transformer.reach of them (all that its next characters
+        can see), prefill_chunk at a time: time and memory independent of the context's
+        length. At least one id."""
         context_ids = np.asarray(context_ids, np.int32)
         assert len(context_ids) >= 1, "the context needs at least one character"
         cache = empty_cache(self.hp, num_samples)
         if self.streaming:
+            # Only the last `reach` characters can change what follows: the text before them
+            # is skipped, exactly (each kept one at its own position): any context costs
+            # the same.
             n, C = len(context_ids), self.prefill_chunk
-            padded = np.zeros(-(-n // C) * C, np.int32)
-            padded[:n] = context_ids
-            for start in range(0, n, C):
-                chunk = jnp.asarray(np.tile(padded[start:start + C], (num_samples, 1)))
-                logits, cache = self.read_chunk(params, chunk, cache, np.int32(start),
-                                                np.int32(n))
+            first = max(0, n - transformer.reach(self.hp))
+            tail = np.zeros(-(-(n - first) // C) * C, np.int32)
+            tail[:n - first] = context_ids[first:]
+            for offset in range(0, n - first, C):
+                chunk = jnp.asarray(np.tile(tail[offset:offset + C], (num_samples, 1)))
+                logits, cache = self.read_chunk(params, chunk, cache,
+                                                np.int32(first + offset), np.int32(n))
             window = jnp.zeros((num_samples, 1), jnp.int32)  # unused: the rings hold it all
             return SamplerState(window, jnp.int32(n), cache, logits)
         S = self.hp.max_seq_len

@@ -84,6 +84,17 @@ def streams(hp: HParams) -> bool:
     return hp.positions == "rotary" and hp.attention_window is not None
 
 
+def reach(hp: HParams) -> int | None:
+    """How many of the last characters the next character's logits depend on: with a window
+    W, each decoder layer looks W - 1 positions further back, and an encoder one window more
+    (decoder layer i, W - 1 back, cross-attends to encoder layer i, i + 1 windows back), so a
+    streaming model's sampler need read no more of a context than this, exactly. None
+    without a window: every character counts."""
+    if hp.attention_window is None:
+        return None
+    return (hp.decoder_N + hp.use_encoder) * (hp.attention_window - 1) + 1
+
+
 def attention_blocks(hp: HParams) -> dict[str, tuple[str, ...]]:
     """Each layer's attention blocks, by layer name (as in the params): an encoder layer
     self-attends; decoder layer i also cross-attends to encoder layer i, if there is one."""

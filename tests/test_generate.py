@@ -278,6 +278,34 @@ def test_streaming_prefill_in_chunks_equals_one_full_forward_pass(context_length
                                   full_forward_sample(params, STREAMING, context, key, sampled))
 
 
+@pytest.mark.parametrize("hp", [STREAMING, STREAMING._replace(use_encoder=True, encoder_N=2)])
+def test_streaming_prefill_reads_the_reach_of_a_context_exactly(hp):
+    """After a context of any length the logits are the full forward pass's at its last
+    position, though only the last transformer.reach characters are read: the first of
+    them still changes the next character's logits, and anything before it cannot."""
+    params = init_params(hp)
+    full = jax.jit(transformer.build(hp, VOCAB_SIZE).apply, static_argnums=3)
+    sampler = generate.Sampler(hp, VOCAB_SIZE, prefill_chunk=4)
+    reach = transformer.reach(hp)
+    rng = np.random.default_rng(0)
+    for n in (reach - 1, reach, reach + 1, 3 * reach + 2):
+        context = rng.integers(0, VOCAB_SIZE, n).astype(np.int32)
+        logits = sampler.start(params, context, 1).logits[0]
+        expected = full(params, None, jnp.asarray(context)[None], False)[0, -1]
+        np.testing.assert_allclose(logits, expected, atol=1e-6, err_msg=f"length {n}")
+        if n > reach:  # the first character read matters to the full pass: it is read
+            changed = context.copy()
+            changed[n - reach] = (changed[n - reach] + 1) % VOCAB_SIZE
+            moved = full(params, None, jnp.asarray(changed)[None], False)[0, -1]
+            assert np.abs(moved - expected).max() > 1e-4
+            np.testing.assert_allclose(sampler.start(params, changed, 1).logits[0], moved,
+                                       atol=1e-6)
+            changed[: n - reach] = (changed[: n - reach] + 3) % VOCAB_SIZE  # beyond reach
+            np.testing.assert_allclose(
+                full(params, None, jnp.asarray(changed)[None], False)[0, -1], moved,
+                atol=1e-6)
+
+
 def test_streaming_sampler_reads_a_context_longer_than_the_window_whole():
     """The prefill reads the whole context (what the full forward pass sees), not its last
     max_seq_len characters."""
