@@ -213,9 +213,10 @@ def prefill_lengths(config) -> list[int]:
 
 def bench_prefill(config, hp) -> dict:
     """A streaming model reading a context (Sampler.start, one stream) of each of
-    prefill_lengths characters, shortest first, in one process: characters/s, and the peak
-    resident memory so far after each, which stays flat if memory does not grow with the
-    context's length. The ids are seeded random: the cost does not depend on them."""
+    prefill_lengths characters, shortest first, in one process: context characters/s (of
+    which it reads the last transformer.reach, prefill_reach), and the peak resident memory
+    so far after each, which stays flat if memory does not grow with the context's length.
+    The ids are seeded random: the cost does not depend on them."""
     import generate
 
     params, hp, vocab_size = _sampling_params(config, hp)
@@ -227,7 +228,7 @@ def bench_prefill(config, hp) -> dict:
     lengths = prefill_lengths(config)
     ids = np.random.default_rng(0).integers(0, vocab_size, max(lengths), dtype=np.int32)
     sampler.start(params, ids[:1], 1).logits.block_until_ready()  # compile
-    out = {"prefill_chunk": sampler.prefill_chunk}
+    out = {"prefill_chunk": sampler.prefill_chunk, "prefill_reach": transformer.reach(hp)}
     for n in lengths:
         start = time.perf_counter()
         sampler.start(params, ids[:n], 1).logits.block_until_ready()
@@ -423,8 +424,8 @@ def print_table(r: dict, hp, config) -> None:
         if f"prefill_{n}_chars_per_s" in r:
             rows.append((f"prefill, a context of {n:,} chars",
                          f"{r[f'prefill_{n}_chars_per_s']:.0f} chars/s, peak RSS "
-                         f"{r[f'prefill_{n}_peak_rss_mb']:.0f} MB so far (chunks of "
-                         f"{r['prefill_chunk']})"))
+                         f"{r[f'prefill_{n}_peak_rss_mb']:.0f} MB so far (reads the last "
+                         f"{min(n, r['prefill_reach']):,} in chunks of {r['prefill_chunk']})"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

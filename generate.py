@@ -13,9 +13,10 @@ Two kinds of model, two ways to be exact:
   sees the last W positions of its layer, and rotary scores depend on relative positions, so
   a key once cached stays valid for as long as a query can see it. Every character is one
   cached step through ring buffers of W positions (kv_cache.RingCache), forever, and the text
-  equals one full forward pass over the whole text. The context, of any length, is read
-  through the same rings PREFILL_CHUNK characters at a time: O(length x W) time, and memory
-  independent of its length.
+  equals one full forward pass over the whole text. Of a context only the last
+  transformer.reach characters can matter (each layer looks W - 1 positions further back):
+  those are read through the same rings PREFILL_CHUNK characters at a time, so a context of
+  any length costs the same time and memory.
 Each path is a jitted scan over a chunk of characters, with static shapes.
 
 Character i of a stream is drawn with the key fold_in(key, i), so the text depends only on the
