@@ -133,7 +133,8 @@ def bench_train(config, hp) -> dict:
         optimizer = train.make_optimizer(train_config._replace(compute_dtype=dtype))
         model = transformer.build(hp, len(vocab), dtype)
         state = train.fresh_start(train_config, hp, vocab, model, optimizer).state
-        step = train.make_train_step(model, optimizer, config.batch_size, hp.max_seq_len)
+        step = train.make_train_step(model, optimizer, config.batch_size, hp.max_seq_len,
+                                     ahead_loss=hp.ahead_loss)
 
         def run():
             nonlocal state

@@ -154,8 +154,8 @@ def learning_rates(config: Config) -> dict[str, optax.Schedule]:
 
 def embedding_or_unembedding(path) -> bool:
     names = [getattr(key, "key", "") for key in path]
-    return any(name.endswith(("token_embed", "unembed")) or name == "position_embed"
-               for name in names)
+    return any(name.endswith(("token_embed", "unembed", "unembed_ahead"))
+               or name == "position_embed" for name in names)
 
 
 def make_optimizer(config: Config) -> optax.GradientTransformation:
@@ -220,17 +220,26 @@ def make_mesh() -> jax.sharding.Mesh:
 
 def make_train_step(model: hk.Transformed, optimizer, batch_size: int, seq_len: int,
                     batch_sharding: jax.sharding.Sharding | None = None,
-                    shuffle_key: jax.Array | None = None):
+                    shuffle_key: jax.Array | None = None, ahead_loss: float = 0.0):
     """jitted (state, train_ids) -> (state, metrics): one optimizer step on a batch of random
     windows or, with `shuffle_key`, on the next batch of data.shuffled_batch's passes.
 
     With `batch_sharding`, the batch is split across the mesh and, since the state is
-    replicated, XLA all-reduces the gradients: plain data parallelism.
+    replicated, XLA all-reduces the gradients: plain data parallelism. With `ahead_loss`
+    (HParams.ahead_loss), the loss minimized adds that weight times the cross-entropy of the
+    model's second head on the character after next; metrics["loss"] is the next
+    character's alone, as evaluation measures it.
     """
+    cross_entropy = lambda logits, targets: optax.softmax_cross_entropy_with_integer_labels(
+        logits, targets).mean()
 
     def loss_fn(params, rng, inputs, targets):
-        logits = model.apply(params, rng, inputs, True)                      # [B, T, V]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+        if not ahead_loss:
+            loss = cross_entropy(model.apply(params, rng, inputs, True), targets)  # [B, T, V]
+            return loss, loss
+        logits, after_next = model.apply(params, rng, inputs, True, ahead=True)
+        loss = cross_entropy(logits, targets)
+        return loss + ahead_loss * cross_entropy(after_next[:, :-1], targets[:, 1:]), loss
 
     def train_step(state: TrainState, train_ids: jax.Array):
         rng, batch_key, dropout_key = jax.random.split(state.rng, 3)
@@ -242,7 +251,8 @@ def make_train_step(model: hk.Transformed, optimizer, batch_size: int, seq_len: 
         if batch_sharding is not None:
             inputs, targets = jax.lax.with_sharding_constraint((inputs, targets),
                                                                batch_sharding)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, dropout_key, inputs, targets)
+        (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, dropout_key, inputs, targets)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -363,7 +373,8 @@ def set_up(config: Config, hparams: transformer.HParams, entered: float) -> Setu
                    if config.batches == "shuffled" else None)
     train_step = make_train_step(transformer.build(hparams, len(vocab), compute_dtype),
                                  optimizer, config.batch_size, hparams.max_seq_len,
-                                 NamedSharding(mesh, P("data")), shuffle_key)
+                                 NamedSharding(mesh, P("data")), shuffle_key,
+                                 hparams.ahead_loss)
     state = jax.tree.map(lambda x: data.put(np.asarray(x), replicated), start.state)
     run = Run(config, hparams, vocab, start.meta, compute_dtype,
               started=entered - start.meta.get("wall_s", 0.0),  # the run's, compiles included

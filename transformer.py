@@ -46,6 +46,9 @@ class HParams(NamedTuple):
     stochastic_depth: float = 0.0  # while training, drop each sequence's residual branches
                                 # (attention, feed-forward) of a layer: the last layer at this
                                 # rate, layer i of N at (i + 1) / N of it (stochastic depth)
+    ahead_loss: float = 0.0     # multi-token prediction: while training, a second head
+                                # predicts the character after next, its loss added at this
+                                # weight (train.make_train_step); unused at inference
 
 
 HPARAMS = HParams()
@@ -62,6 +65,8 @@ def validate(hp: HParams) -> HParams:
     for field in ("dropout", "stochastic_depth"):
         if not 0.0 <= getattr(hp, field) < 1.0:
             raise ValueError(f"HParams.{field}={getattr(hp, field)!r}: must be in [0, 1).")
+    if not hp.ahead_loss >= 0:
+        raise ValueError(f"HParams.ahead_loss={hp.ahead_loss!r}: must be >= 0.")
     if hp.use_encoder and hp.encoder_N > hp.decoder_N:
         raise ValueError(
             f"HParams.encoder_N={hp.encoder_N}: each encoder layer feeds the decoder layer of "
@@ -115,7 +120,8 @@ def param_count(hp: HParams, vocab_size: int) -> int:
     return (V * D + (S * D if hp.positions == "learned" else 0)     # embeddings
             + len(blocks) * feed_forward                            # one per layer
             + sum(map(len, blocks.values())) * attention            # self and cross
-            + layer_norm + D * V + V)                               # final LN, unembedding
+            + layer_norm + D * V + V                                # final LN, unembedding
+            + (D * V + V if hp.ahead_loss else 0))                  # the head after next
 
 
 def visible(query_positions: jax.Array, key_positions: jax.Array,
@@ -332,10 +338,12 @@ class Transformer(hk.Module):
         self.dtype = jnp.dtype(compute_dtype)  # attention's matmuls' operands (see build)
         self.read_w_t = read_w_t  # single rows read transposed weights: see kernels.Linear
 
-    def __call__(self, tokens, is_training, cache=None, start=0, last_only=False):
+    def __call__(self, tokens, is_training, cache=None, start=0, last_only=False,
+                 ahead=False):
         """logits [B, T, V] of tokens [B, T] at positions start..start+T-1 (with a cache: and
         the cache); last_only: the logits of the last position alone, [B, 1, V], computed
-        without the rest of the last layer's outputs (no cache)."""
+        without the rest of the last layer's outputs (no cache); ahead (with
+        HParams.ahead_loss): (logits, logits [B, T, V] of the character after next)."""
         hp = self.hp
         B, T = tokens.shape
         if not streams(hp) and (T > hp.max_seq_len or (isinstance(start, int)
@@ -376,12 +384,17 @@ class Transformer(hk.Module):
         logits = Linear(self.vocab_size, name="unembed",
                         read_w_t=self.read_w_t)(x)                          # [B, T|1, V]
         logits = logits.astype(jnp.float32)
+        if hp.ahead_loss and (ahead or hk.running_init()):  # its params exist from init on
+            after_next = Linear(self.vocab_size, name="unembed_ahead")(x)   # [B, T, V]
+            if ahead:
+                return logits, after_next.astype(jnp.float32)
         return logits if cache is None else (logits, new_cache)
 
 
 def build(hp: HParams, vocab_size: int, compute_dtype: str = "float32") -> hk.Transformed:
     """apply(params, rng, tokens [B, T] int32, is_training) -> logits [B, T, V] float32;
-    apply(..., last_only=True) -> the last position's logits [B, 1, V], for sampling.
+    apply(..., last_only=True) -> the last position's logits [B, 1, V], for sampling;
+    apply(..., ahead=True), with HParams.ahead_loss -> (logits, the character after next's).
 
     compute_dtype "bfloat16" puts Linear under a jmp policy (float32 parameters, bfloat16
     compute, float32 output), and the Transformer gives it to attention's explicit path
@@ -391,10 +404,10 @@ def build(hp: HParams, vocab_size: int, compute_dtype: str = "float32") -> hk.Tr
     validate(hp)
     policy = jmp.get_policy(f"params=float32,compute={compute_dtype},output=float32")
 
-    def forward(tokens, is_training, last_only=False):
+    def forward(tokens, is_training, last_only=False, ahead=False):
         with hk.mixed_precision.push_policy(Linear, policy):
             return Transformer(hp, vocab_size, compute_dtype)(tokens, is_training,
-                                                              last_only=last_only)
+                                                              last_only=last_only, ahead=ahead)
 
     return hk.transform(forward)
 

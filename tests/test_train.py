@@ -152,6 +152,46 @@ def test_overrides_are_typed_and_checked():
         common.parse_overrides(["--max_iters"], train.CONFIG)
 
 
+def test_ahead_loss_trains_a_head_for_the_character_after_next_and_logs_the_next_ones():
+    """With HParams.ahead_loss = w the step minimizes CE(next) + w CE(after next): one SGD
+    step at rate 1 moves the second head by exactly w times its own loss's gradient; the
+    logged loss is the next character's alone; evaluation ignores the head."""
+    hp = TINY._replace(dropout=0.0, ahead_loss=0.5)
+    V = 7
+    model = transformer.build(hp, V)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, hp.max_seq_len), jnp.int32),
+                        False)
+    head = "transformer/unembed_ahead"
+    without_head = {k: v for k, v in params.items() if k != head}
+    assert set(params) - set(without_head) == {head}
+    tokens = jnp.asarray(np.arange(2 * hp.max_seq_len).reshape(2, -1) % V)
+    np.testing.assert_array_equal(
+        model.apply(params, None, tokens, False),
+        transformer.build(hp._replace(ahead_loss=0.0), V).apply(without_head, None, tokens,
+                                                                False))
+
+    train_ids = jnp.full((200,), 3, jnp.int32)  # every window the same: inputs and targets 3
+    step = train.make_train_step(model, optax.sgd(1.0), 4, hp.max_seq_len, ahead_loss=0.5)
+    state = train.TrainState(params, optax.sgd(1.0).init(params), jax.random.PRNGKey(1),
+                             jnp.int32(0))
+    new_state, metrics = step(jax.tree.map(jnp.array, state), train_ids)
+    inputs = jnp.full((4, hp.max_seq_len), 3, jnp.int32)
+
+    def after_next_loss(p):
+        after_next = model.apply(p, None, inputs, True, ahead=True)[1][:, :-1]
+        return -jnp.mean(jax.nn.log_softmax(after_next)[..., 3])
+
+    expected = jax.tree.map(lambda p, g: p - 0.5 * g, params[head],
+                            jax.grad(after_next_loss)(params)[head])
+    for name in ("w", "b"):
+        np.testing.assert_allclose(new_state.params[head][name], expected[name], rtol=1e-5,
+                                   atol=1e-6)
+    logits = model.apply(params, None, inputs, False)
+    next_loss = -jnp.mean(jax.nn.log_softmax(logits)[..., 3])
+    np.testing.assert_allclose(metrics["loss"], next_loss, rtol=1e-5)
+    assert abs(float(after_next_loss(params)) - float(next_loss)) > 0.01  # not the same
+
+
 def test_preset_sets_defaults_that_arguments_override():
     assert train.resolve(["--preset=original"]) == (
         train.CONFIG._replace(preset="original"), transformer.HPARAMS)
@@ -514,8 +554,8 @@ def test_schedule_warms_up_linearly_then_cosine_decays_to_its_floor():
     assert float(schedule(10_000)) == pytest.approx(floor, rel=1e-5)  # past max_iters
 
 
-def _tiny_params():
-    model = transformer.build(TINY._replace(use_encoder=True), 10)
+def _tiny_params(**changes):
+    model = transformer.build(TINY._replace(use_encoder=True, **changes), 10)
     return jax.jit(model.init, static_argnums=2)(jax.random.PRNGKey(0),
                                                  jax.numpy.zeros((1, 4), "int32"), False)
 
@@ -585,7 +625,7 @@ def test_wsd_schedule_warms_up_holds_then_decays_linearly():
 
 
 def _is_adamw_part(module: str, name: str) -> bool:
-    return name != "w" or module.endswith("unembed")
+    return name != "w" or module.endswith(("unembed", "unembed_ahead"))
 
 
 @pytest.mark.parametrize("compute_dtype,rtol", [("float32", 1e-3), ("bfloat16", 1e-2)])
@@ -596,11 +636,12 @@ def test_muon_orthogonalizes_hidden_matrices_and_adamw_takes_the_rest(compute_dt
     and gains move by its AdamW part's first step, -learning_rate * sign(gradient) times
     Nesterov momentum's first-step factor. With zero gradients only Muon's matrices decay, by
     muon_learning_rate * weight_decay. With bfloat16 compute (bfloat16 moments) the same
-    holds to bfloat16's precision."""
+    holds to bfloat16's precision. The second head of ahead_loss is an unembedding too."""
     config = train.CONFIG._replace(optimizer="muon", learning_rate=1e-3,
                                    muon_learning_rate=0.02, warmup_iters=0, weight_decay=0.5,
                                    grad_clip=0.0, compute_dtype=compute_dtype)
-    params = _tiny_params()
+    params = _tiny_params(ahead_loss=0.5)
+    assert "transformer/unembed_ahead" in params
     optimizer = train.make_optimizer(config._replace(weight_decay=0.0))
     leaves, structure = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))

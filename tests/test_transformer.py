@@ -127,8 +127,9 @@ def expected_param_count(hp: transformer.HParams, vocab_size: int) -> int:
     embeddings = V * D + (S * D if hp.positions == "learned" else 0)
     encoder_N = hp.encoder_N if hp.use_encoder else 0
     cross = encoder_N * (layer_norm + attention)
+    ahead = D * V + V if hp.ahead_loss else 0   # the second head, after next
     return (embeddings + (hp.decoder_N + encoder_N) * layer + cross
-            + layer_norm + D * V + V)           # final LN, unembedding
+            + layer_norm + D * V + V + ahead)   # final LN, unembedding
 
 
 def test_param_count_of_default_hparams():
@@ -152,7 +153,9 @@ def test_param_count_of_default_hparams():
     tiny(False, positions="sinusoidal"),
     tiny(True, positions="sinusoidal"),
     tiny(True, positions="rotary", attention_window=4),
-], ids=["decoder", "encoder1", "encoder2", "sinusoidal", "encoder_sinusoidal", "rotary"])
+    tiny(False, ahead_loss=0.5),
+], ids=["decoder", "encoder1", "encoder2", "sinusoidal", "encoder_sinusoidal", "rotary",
+        "ahead"])
 def test_param_count_matches_initialized_model(hp):
     """param_count and the independent formula both equal the initialized model's count."""
     actual = count(param_shapes(hp))
@@ -517,6 +520,7 @@ INVALID = [
     ("dropout", TINY._replace(dropout=1.5)),
     ("stochastic_depth", TINY._replace(stochastic_depth=1.0)),
     ("stochastic_depth", TINY._replace(stochastic_depth=-0.5)),
+    ("ahead_loss", TINY._replace(ahead_loss=-1.0)),
     ("encoder_N", TINY._replace(use_encoder=True, encoder_N=3, decoder_N=2)),
     ("positions", TINY._replace(positions="relative")),
     ("positions", TINY._replace(positions="rotary", d_model=36, h=4)),  # odd key size 9
