@@ -312,7 +312,7 @@ class Layer(hk.Module):
 def drop_branch(out: jax.Array, rate: float, is_training: bool) -> jax.Array:
     """Stochastic depth (Huang et al. 2016): while training, a residual branch's output
     [B, T, D] is dropped for a whole sequence with probability `rate`, the kept ones scaled by
-    1 / (1 - rate); the layer then passes that sequence's stream through unchanged."""
+    1 / (1 - rate): that sequence's residual stream skips the branch."""
     if not is_training or rate == 0:
         return out
     return hk.dropout(hk.next_rng_key(), rate, out, broadcast_dims=(1, 2))
