@@ -61,18 +61,21 @@ def load_params(path: str) -> checkpoint.Checkpoint:
         raise
 
 
+def position_losses(model: hk.Transformed, params, batch: data.Windows) -> jax.Array:
+    """[B, T]: nats of each window position's target, weighted (padding: 0)."""
+    logits = model.apply(params, None, batch.inputs, False)                      # [B, T, V]
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch.targets)  # [B, T]
+    return nll * batch.weights
+
+
 def make_window_loss(model: hk.Transformed):
     """jitted (params, batches) -> (summed nll in nats, counted characters), one call for
     all batches (a lax.map over their leading axis): one dispatch and one host sync."""
 
-    def batch_loss(params, batch: data.Windows):
-        logits = model.apply(params, None, batch.inputs, False)                  # [B, T, V]
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch.targets)  # [B, T]
-        return jnp.sum(nll * batch.weights)
-
     @jax.jit
     def window_loss(params, batches: data.Windows):
-        losses = jax.lax.map(lambda b: batch_loss(params, b), batches)          # [NB]
+        losses = jax.lax.map(lambda b: jnp.sum(position_losses(model, params, b)),
+                             batches)                                           # [NB]
         return jnp.sum(losses), jnp.sum(batches.weights)
 
     return window_loss

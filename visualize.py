@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import matplotlib
 import numpy as np
-import optax
 import PIL.Image
 
 import checkpoint
@@ -124,13 +123,8 @@ def window_losses(ckpt: checkpoint.Checkpoint, ids: np.ndarray,
     windows = data.eval_windows(ids, seq_len)
     model = transformer.build(ckpt.hparams, len(ckpt.vocab))
 
-    @jax.jit
-    def nll(params, batches: data.Windows):
-        def one(batch):
-            logits = model.apply(params, None, batch.inputs, False)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, batch.targets)
-        return jax.lax.map(one, batches) * batches.weights                  # [NB, B, T]
-
+    nll = jax.jit(lambda params, batches: jax.lax.map(          # [NB, B, T]
+        lambda b: evaluation.position_losses(model, params, b), batches))
     batches = data.batch_windows(windows, batch_size)
     losses = np.asarray(nll(jax.device_put(ckpt.params), batches)).reshape(-1, seq_len)
     return losses[: len(windows.inputs)], windows.weights
