@@ -35,5 +35,6 @@ visualize: $(VENV) data
 bench: $(VENV)
 	$(PYTHON) bench.py $(ARGS)
 
+# One pytest worker per core (pytest-xdist): the tests are mostly single-threaded compiles.
 test: $(VENV) data
-	$(PYTHON) -m pytest -q $(ARGS)
+	$(PYTHON) -m pytest -q -n auto $(ARGS)
