@@ -237,7 +237,8 @@ def make_train_step(model: hk.Transformed, optimizer, batch_size: int, seq_len: 
 
     def loss_fn(params, rng, inputs, targets):
         if not ahead_loss:
-            loss = cross_entropy(model.apply(params, rng, inputs, True), targets)  # [B, T, V]
+            logits = model.apply(params, rng, inputs, True)                  # [B, T, V]
+            loss = cross_entropy(logits, targets)
             return loss, loss
         logits, after_next = model.apply(params, rng, inputs, True, ahead=True)
         loss = cross_entropy(logits, targets)
