@@ -120,12 +120,16 @@ def train_config_of(config: Config):
 
 def bench_train(config, hp) -> dict:
     """Per compute dtype: the real jitted train step (dropout on), median seconds per step."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
     import data
+    import eval as evaluation
     import train
 
     text = data.read_text(data.CORPUS_FILE)
     vocab = data.build_vocab(text)
-    train_ids = jnp.asarray(data.split(data.encode(text, vocab))[0])
+    ids = data.encode(text, vocab)
+    train_ids = jnp.asarray(data.split(ids)[0])
     train_config = train_config_of(config)
     flops = flops_per_token(hp, len(vocab))
     out = {"flops_per_token": flops, "train_optimizer": train_config.optimizer}
@@ -147,6 +151,14 @@ def bench_train(config, hp) -> dict:
         out.update({f"train_{dtype}_step_s": seconds,
                     f"train_{dtype}_tokens_per_s": tokens_per_s,
                     f"train_{dtype}_gflops": tokens_per_s * flops / 1e9})
+    # train.py's evaluation every eval_interval steps (float32: the validation split and as
+    # many training windows of the corpus), the median of 3 after a compiling call.
+    mesh = train.make_mesh()
+    evaluate = train.make_evaluate(
+        transformer.build(hp, len(vocab)), ids, min(evaluation.EVAL_SEQ_LEN, hp.max_seq_len),
+        train_config.eval_batch_size, NamedSharding(mesh, P(None, "data")))
+    out["train_eval_s"] = statistics.median(
+        timed(lambda: jax.block_until_ready(evaluate(state.params)), 3))
     return out
 
 
@@ -396,6 +408,8 @@ def print_table(r: dict, hp, config) -> None:
           for d in config.compute_dtypes.split(",")],
         ("train, headline precision", f"{r['train_compute_dtype']} "
                                       f"({r['train_compute_dtype_why']})"),
+        ("one evaluation (train.py's)", f"{r['train_eval_s']:.1f} s, as long as "
+                                        f"{r['train_eval_s'] / r['train_step_s']:.1f} steps"),
         *([("PyTorch yardstick bf16 / f32", f"{r['torch_bf16_tokens_per_s']:.0f} / "
                                              f"{r['torch_f32_tokens_per_s']:.0f} tokens/s"),
            ("train vs PyTorch bf16 / f32", f"{r['train_vs_torch']:.2f}x / "

@@ -16,7 +16,7 @@ def test_bench_reports_every_figure(tmp_path):
     assert result.returncode == 0, result.stderr
     r = json.loads(path.read_text())
     for key in ("peak_f32_gflops", "peak_bf16_gflops", "copy_gb_per_s", "read_gb_per_s",
-                "train_tokens_per_s", "train_mfu", "sample_cached_chars_per_s",
+                "train_tokens_per_s", "train_mfu", "train_eval_s", "sample_cached_chars_per_s",
                 "sample_batch_cached_chars_per_s", "sample_full_window_chars_per_s",
                 "sample_full_forward_chars_per_s", "sample_fraction_of_bound",
                 "ceilings_peak_rss_mb", "train_peak_rss_mb", "sample_peak_rss_mb"):
@@ -26,6 +26,7 @@ def test_bench_reports_every_figure(tmp_path):
     assert r["sample_bandwidth_bound_chars_per_s"] == (
         r["copy_gb_per_s"] * 1e9 / r["weight_bytes"])
     assert "sample, cached, 1 stream" in result.stdout
+    assert "one evaluation (train.py's)" in result.stdout
 
 
 def test_bench_bad_options_exit_2():
