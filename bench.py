@@ -121,10 +121,7 @@ def train_config_of(config: Config):
 def bench_train(config, hp) -> dict:
     """Per compute dtype: the real jitted train step (dropout on), median seconds per step;
     then the seconds of one evaluation as train.py runs it."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
     import data
-    import eval as evaluation
     import train
 
     text = data.read_text(data.CORPUS_FILE)
@@ -154,10 +151,8 @@ def bench_train(config, hp) -> dict:
                     f"train_{dtype}_gflops": tokens_per_s * flops / 1e9})
     # train.py's evaluation every eval_interval steps (float32: the validation split and as
     # many training windows of the corpus), the median of 3 after a compiling call.
-    mesh = train.make_mesh()
-    evaluate = train.make_evaluate(
-        transformer.build(hp, len(vocab)), ids, min(evaluation.EVAL_SEQ_LEN, hp.max_seq_len),
-        train_config.eval_batch_size, NamedSharding(mesh, P(None, "data")))
+    evaluate = train.make_evaluate(hp, len(vocab), ids, train_config.eval_batch_size,
+                                   train.make_mesh())
     out["train_eval_s"] = statistics.median(
         timed(lambda: jax.block_until_ready(evaluate(state.params)), 3))
     return out

@@ -117,6 +117,11 @@ def source_file(ckpt: checkpoint.Checkpoint, config: Config) -> str:
     return ckpt.meta.get("config", {}).get("source_file") or data.CORPUS_FILE
 
 
+def window_len(hp: transformer.HParams) -> int:
+    """The evaluation windows' length for a model: EVAL_SEQ_LEN, or max_seq_len if shorter."""
+    return min(EVAL_SEQ_LEN, hp.max_seq_len)
+
+
 def reads(hp: transformer.HParams, length: int) -> bool:
     """Whether the model takes `length` positions in one pass."""
     return transformer.streams(hp) or hp.max_seq_len >= length
@@ -126,7 +131,7 @@ def evaluate(ckpt: checkpoint.Checkpoint, config: Config) -> dict:
     """The metrics that `python eval.py` prints."""
     path = source_file(ckpt, config)
     text = data.read_text(path)
-    seq_len = min(EVAL_SEQ_LEN, ckpt.hparams.max_seq_len)
+    seq_len = window_len(ckpt.hparams)
     data.check_splits(path, len(text), seq_len + 1, seq_len + 1)
     try:
         ids = data.encode(text, ckpt.vocab)

@@ -361,7 +361,7 @@ def set_up(config: Config, hparams: transformer.HParams, entered: float) -> Setu
         start = fresh_start(config, hparams, vocab, transformer.build(hparams, len(vocab)),
                             optimizer)
     hparams, vocab = start.hparams, start.vocab  # a resumed run's come from its file
-    eval_seq_len = min(evaluation.EVAL_SEQ_LEN, hparams.max_seq_len)
+    eval_seq_len = evaluation.window_len(hparams)
     data.check_splits(config.source_file, len(text), hparams.max_seq_len + 1, eval_seq_len + 1)
     ids = data.encode(text, vocab)
     train_ids, _ = data.split(ids)
@@ -385,22 +385,23 @@ def set_up(config: Config, hparams: transformer.HParams, entered: float) -> Setu
     run.say(f"run {run.hash}: {checkpoint.num_params(state.params):,} params, {len(vocab)} "
             f"characters, steps {int(state.step)} -> {config.max_iters}, params files "
             f"{run.latest_path}[.min_val.pkl]\ncompute dtype: {compute_dtype} ({why})")
-    evaluate = make_evaluate(transformer.build(hparams, len(vocab)), ids, eval_seq_len,
-                             config.eval_batch_size, NamedSharding(mesh, P(None, "data")))
+    evaluate = make_evaluate(hparams, len(vocab), ids, config.eval_batch_size, mesh)
     sample = (make_sample(hparams, vocab, config.sample_chars)
               if config.sample_chars and run.tracker.run is not None else None)
     return Setup(hparams, state, train_step, data.put(train_ids, replicated), evaluate,
                  sample, run)
 
 
-def make_evaluate(model: hk.Transformed, ids: np.ndarray, seq_len: int, batch_size: int,
-                  sharding: jax.sharding.Sharding) -> Callable:
+def make_evaluate(hparams: transformer.HParams, vocab_size: int, ids: np.ndarray,
+                  batch_size: int, mesh: jax.sharding.Mesh) -> Callable:
     """params -> (train_loss, val_loss): the whole validation split, and as many training
-    windows, in float32, the batches split across the mesh ([batches, batch, T])."""
-    windows = evaluation.split_windows(ids, seq_len)
+    windows, in eval.py's windows and float32, the batches split across the mesh
+    ([batches, batch, T])."""
+    windows = evaluation.split_windows(ids, evaluation.window_len(hparams))
+    sharding = NamedSharding(mesh, P(None, "data"))
     train_batches, val_batches = (data.batch_windows(w, batch_size, sharding)
                                   for w in windows)
-    window_loss = evaluation.make_window_loss(model)
+    window_loss = evaluation.make_window_loss(transformer.build(hparams, vocab_size))
     return lambda params: (evaluation.mean_loss(window_loss, params, train_batches),
                            evaluation.mean_loss(window_loss, params, val_batches))
 

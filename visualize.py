@@ -119,7 +119,7 @@ def window_losses(ckpt: checkpoint.Checkpoint, ids: np.ndarray,
                   batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """(nats [NW, T], weights [NW, T]) of eval.py's non-overlapping windows over ids: each
     position's loss, the first character of each window predicted from one character."""
-    seq_len = min(evaluation.EVAL_SEQ_LEN, ckpt.hparams.max_seq_len)
+    seq_len = evaluation.window_len(ckpt.hparams)
     windows = data.eval_windows(ids, seq_len)
     model = transformer.build(ckpt.hparams, len(ckpt.vocab))
 
