@@ -45,6 +45,8 @@ class Config(NamedTuple):
     muon_learning_rate: float = 0.02  # "muon": the peak learning rate of its matrices
     weight_decay: float = 0.1      # decoupled decay: AdamW's on matrices and embeddings;
                                    # Muon's on its matrices (none on its AdamW part)
+    weight_decay_final: float | None = None  # None: weight_decay throughout; else the decay
+                                   # moves linearly from weight_decay to this over max_iters
     beta2: float = 0.99            # Adam's second-moment decay: small batches, noisy grads
     grad_clip: float = 1.0         # clip the global gradient norm to this (0: no clipping)
     ema_decay: float = 0.0         # evaluate (and keep as the best params) a moving average
@@ -160,6 +162,16 @@ def embedding_or_unembedding(path) -> bool:
                or name == "position_embed" for name in names)
 
 
+def make_weight_decay(config: Config) -> float | optax.Schedule:
+    """weight_decay, or (weight_decay_final) a linear schedule from it to weight_decay_final
+    at max_iters: the decay is multiplied by the learning rate, so with a learning rate that
+    falls to zero a rising decay keeps regularizing as the model anneals."""
+    if config.weight_decay_final is None:
+        return config.weight_decay
+    return optax.linear_schedule(config.weight_decay, config.weight_decay_final,
+                                 config.max_iters)
+
+
 def make_optimizer(config: Config) -> optax.GradientTransformation:
     """Clipping, then AdamW; or Muon for the hidden weight matrices (attention projections
     and feed-forward weights: each update orthogonalized), with its AdamW part for the
@@ -171,7 +183,7 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
             else optax.identity())
     if config.optimizer == "adamw":
         optimizer = optax.chain(clip, optax.adamw(
-            make_schedule(config), b1=0.9, b2=config.beta2, weight_decay=config.weight_decay,
+            make_schedule(config), b1=0.9, b2=config.beta2, weight_decay=make_weight_decay(config),
             mask=decay_mask))
     else:
         muon_dims = lambda params: jax.tree.map_with_path(  # None: to the AdamW part
@@ -184,7 +196,7 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
         to_compute_dtype = (optax.stateless(lambda g, _: optax.tree.cast(g, jnp.bfloat16))
                             if low else optax.identity())
         optimizer = optax.chain(clip, to_compute_dtype, optax.contrib.muon(
-            make_schedule(config, config.muon_learning_rate), weight_decay=config.weight_decay,
+            make_schedule(config, config.muon_learning_rate), weight_decay=make_weight_decay(config),
             adam_learning_rate=make_schedule(config), adam_b2=config.beta2,
             muon_weight_dimension_numbers=muon_dims, mu_dtype=jnp.bfloat16 if low else None))
     if config.ema_decay == 0:
@@ -282,6 +294,8 @@ def check_config(config: Config) -> None:
     for name in ("warmup_iters", "sample_chars", "weight_decay", "grad_clip"):
         if getattr(config, name) < 0:
             raise UserError(f"--{name}={getattr(config, name)}: must be >= 0.")
+    if config.weight_decay_final is not None and config.weight_decay_final < 0:
+        raise UserError(f"--weight_decay_final={config.weight_decay_final}: must be >= 0.")
     for name, values in (("compute_dtype", ("auto", "bfloat16", "float32")),
                          ("optimizer", ("adamw", "muon")), ("schedule", ("cosine", "wsd")),
                          ("batches", ("random", "shuffled"))):
