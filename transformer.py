@@ -38,6 +38,8 @@ class HParams(NamedTuple):
     use_encoder: bool = False   # decoder layer i < encoder_N cross-attends to encoder layer i
     dropout: float = 0.2        # one rate for embeddings, attention weights and branch outputs
                                 # (rounded to a multiple of 1/256: see kernels.dropout)
+    activation: str = "relu"    # the feed-forward block's: "relu", or "relu2", its square
+                                # (So et al. 2021, "Primer"; modded-nanogpt's)
     positions: str = "learned"  # "learned" embeddings, fixed "sinusoidal" encodings, or
                                 # "rotary": queries and keys rotated by position (RoPE)
     attention_window: int | None = None  # W: a query sees itself and the W - 1 positions
@@ -52,6 +54,7 @@ class HParams(NamedTuple):
 
 
 HPARAMS = HParams()
+ACTIVATIONS = {"relu": jax.nn.relu, "relu2": lambda x: jnp.square(jax.nn.relu(x))}
 
 
 def validate(hp: HParams) -> HParams:
@@ -71,6 +74,8 @@ def validate(hp: HParams) -> HParams:
         raise ValueError(
             f"HParams.encoder_N={hp.encoder_N}: each encoder layer feeds the decoder layer of "
             f"the same index, so it must be <= decoder_N={hp.decoder_N}.")
+    if hp.activation not in ACTIVATIONS:
+        raise ValueError(f"HParams.activation={hp.activation!r}: {' or '.join(ACTIVATIONS)}.")
     if hp.positions not in ("learned", "sinusoidal", "rotary"):
         raise ValueError(f"HParams.positions={hp.positions!r}: learned, sinusoidal or rotary.")
     if hp.positions == "rotary" and (hp.d_model // hp.h) % 2:
@@ -274,7 +279,7 @@ def _layer_norm(name: str) -> hk.LayerNorm:
 
 
 def _feed_forward(x: jax.Array, hp: HParams, is_training: bool, read_w_t: bool) -> jax.Array:
-    h = jax.nn.relu(Linear(hp.d_ff, name="ff_in")(x))                    # [B, T, F]
+    h = ACTIVATIONS[hp.activation](Linear(hp.d_ff, name="ff_in")(x))     # [B, T, F]
     out = Linear(hp.d_model, name="ff_out", read_w_t=read_w_t)(h)        # [B, T, D]
     return kernels.dropout(out, hp.dropout, is_training)
 

@@ -364,6 +364,32 @@ def test_zeroed_branches_make_every_layer_the_identity(use_encoder):
     np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("activation, by_hand", [
+    ("relu", lambda h: np.maximum(h, 0)), ("relu2", lambda h: np.maximum(h, 0) ** 2)])
+def test_feed_forward_applies_its_activation(activation, by_hand):
+    """With attention's output projection zeroed, a one-layer model computes
+    unembed(LN_final(x + W2 act(LN_ff(x) W1 + b1) + b2)), x the embeddings, act the
+    HParams.activation: max(h, 0), or its square for relu2."""
+    hp = TINY._replace(decoder_N=1, activation=activation)
+    params = {name: jax.tree_util.tree_map(jnp.zeros_like, module)
+              if module_name(name).endswith("self_attention/out") else module
+              for name, module in random_params(hp).items()}
+    tokens = random_tokens(4)
+    logits = jitted_apply(hp, False)(params, None, tokens)                  # [B, T, V]
+
+    p = {module_name(name): jax.tree_util.tree_map(np.asarray, module)
+         for name, module in params.items()}
+    x = (p["transformer/token_embed"]["embeddings"][np.asarray(tokens)]
+         + p["transformer"]["position_embed"][:tokens.shape[1]])             # [B, T, D]
+    ln, ff_in, ff_out = (p[f"transformer/decoder_0/{name}"]
+                         for name in ("ln_ff", "ff_in", "ff_out"))
+    h = by_hand(layer_norm(x, ln["scale"], ln["offset"]) @ ff_in["w"] + ff_in["b"])
+    x = x + h @ ff_out["w"] + ff_out["b"]
+    final, unembed = p["transformer/ln_final"], p["transformer/unembed"]
+    expected = layer_norm(x, final["scale"], final["offset"]) @ unembed["w"] + unembed["b"]
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)
+
+
 def branches_zeroed(params):
     """The params with every residual branch's output projection zeroed."""
     branch_outputs = ("self_attention/out", "cross_attention/out", "ff_out")
@@ -521,6 +547,7 @@ INVALID = [
     ("stochastic_depth", TINY._replace(stochastic_depth=1.0)),
     ("stochastic_depth", TINY._replace(stochastic_depth=-0.5)),
     ("ahead_loss", TINY._replace(ahead_loss=-1.0)),
+    ("activation", TINY._replace(activation="gelu")),
     ("encoder_N", TINY._replace(use_encoder=True, encoder_N=3, decoder_N=2)),
     ("positions", TINY._replace(positions="relative")),
     ("positions", TINY._replace(positions="rotary", d_model=36, h=4)),  # odd key size 9
