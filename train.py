@@ -181,9 +181,10 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     clip = (optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0
             else optax.identity())
+    decay = make_weight_decay(config)
     if config.optimizer == "adamw":
         optimizer = optax.chain(clip, optax.adamw(
-            make_schedule(config), b1=0.9, b2=config.beta2, weight_decay=make_weight_decay(config),
+            make_schedule(config), b1=0.9, b2=config.beta2, weight_decay=decay,
             mask=decay_mask))
     else:
         muon_dims = lambda params: jax.tree.map_with_path(  # None: to the AdamW part
@@ -196,7 +197,7 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
         to_compute_dtype = (optax.stateless(lambda g, _: optax.tree.cast(g, jnp.bfloat16))
                             if low else optax.identity())
         optimizer = optax.chain(clip, to_compute_dtype, optax.contrib.muon(
-            make_schedule(config, config.muon_learning_rate), weight_decay=make_weight_decay(config),
+            make_schedule(config, config.muon_learning_rate), weight_decay=decay,
             adam_learning_rate=make_schedule(config), adam_b2=config.beta2,
             muon_weight_dimension_numbers=muon_dims, mu_dtype=jnp.bfloat16 if low else None))
     if config.ema_decay == 0:
