@@ -338,64 +338,65 @@ def layer_norm(x, scale, offset):
     return (x - mean) / np.sqrt(variance + LN_EPS) * scale + offset
 
 
-@pytest.mark.parametrize("use_encoder", [False, True])
-def test_zeroed_branches_make_every_layer_the_identity(use_encoder):
-    """With every branch's output projection zeroed, logits = unembed(LN_final(embeddings))."""
-    hp = tiny(use_encoder)
-    branch_outputs = ("self_attention/out", "cross_attention/out", "ff_out")
-    params = {name: jax.tree_util.tree_map(jnp.zeros_like, module)
-              if module_name(name).endswith(branch_outputs) else module
-              for name, module in random_params(hp).items()}
-    zeroed = [name for name in params if module_name(name).endswith(branch_outputs)]
-    encoder_N = hp.encoder_N if use_encoder else 0
-    assert len(zeroed) == 2 * hp.decoder_N + 2 * encoder_N + encoder_N  # self, ff; cross
-    tokens = random_tokens(9)
-    logits = jitted_apply(hp, False)(params, None, tokens)                  # [B, T, V]
-
-    # By hand, from the params (random_params gives the final LayerNorm scale != 1, offset != 0).
-    by_module = {module_name(name): jax.tree_util.tree_map(np.asarray, module)
-                 for name, module in params.items()}
-    embeddings = (by_module["transformer/token_embed"]["embeddings"][np.asarray(tokens)]
-                  + by_module["transformer"]["position_embed"][:tokens.shape[1]])  # [B, T, D]
-    final = by_module["transformer/ln_final"]
-    normed = layer_norm(embeddings, final["scale"], final["offset"])          # [B, T, D]
-    unembed = by_module["transformer/unembed"]
-    expected = normed @ unembed["w"] + unembed["b"]                           # [B, T, V]
-    np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("activation, by_hand", [
-    ("relu", lambda h: np.maximum(h, 0)), ("relu2", lambda h: np.maximum(h, 0) ** 2)])
-def test_feed_forward_applies_its_activation(activation, by_hand):
-    """With attention's output projection zeroed, a one-layer model computes
-    unembed(LN_final(x + W2 act(LN_ff(x) W1 + b1) + b2)), x the embeddings, act the
-    HParams.activation: max(h, 0), or its square for relu2."""
-    hp = TINY._replace(decoder_N=1, activation=activation)
-    params = {name: jax.tree_util.tree_map(jnp.zeros_like, module)
-              if module_name(name).endswith("self_attention/out") else module
-              for name, module in random_params(hp).items()}
-    tokens = random_tokens(4)
-    logits = jitted_apply(hp, False)(params, None, tokens)                  # [B, T, V]
-
+def by_hand(params, tokens, residual=lambda p, x: x):
+    """A learned-position model's logits computed in numpy from its params: the embeddings,
+    `residual(p, x)` for what the layers add (p: the params by module name), the final
+    LayerNorm and the unembedding."""
     p = {module_name(name): jax.tree_util.tree_map(np.asarray, module)
          for name, module in params.items()}
     x = (p["transformer/token_embed"]["embeddings"][np.asarray(tokens)]
          + p["transformer"]["position_embed"][:tokens.shape[1]])             # [B, T, D]
-    ln, ff_in, ff_out = (p[f"transformer/decoder_0/{name}"]
-                         for name in ("ln_ff", "ff_in", "ff_out"))
-    h = by_hand(layer_norm(x, ln["scale"], ln["offset"]) @ ff_in["w"] + ff_in["b"])
-    x = x + h @ ff_out["w"] + ff_out["b"]
+    x = residual(p, x)
     final, unembed = p["transformer/ln_final"], p["transformer/unembed"]
-    expected = layer_norm(x, final["scale"], final["offset"]) @ unembed["w"] + unembed["b"]
-    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)
+    return layer_norm(x, final["scale"], final["offset"]) @ unembed["w"] + unembed["b"]
 
 
-def branches_zeroed(params):
-    """The params with every residual branch's output projection zeroed."""
-    branch_outputs = ("self_attention/out", "cross_attention/out", "ff_out")
+BRANCH_OUTPUTS = ("self_attention/out", "cross_attention/out", "ff_out")
+
+
+def zeroed(params, modules=BRANCH_OUTPUTS):
+    """The params with the modules whose names end in `modules` zeroed: by default every
+    residual branch's output projection."""
     return {name: jax.tree_util.tree_map(jnp.zeros_like, module)
-            if module_name(name).endswith(branch_outputs) else module
+            if module_name(name).endswith(modules) else module
             for name, module in params.items()}
+
+
+@pytest.mark.parametrize("use_encoder", [False, True])
+def test_zeroed_branches_make_every_layer_the_identity(use_encoder):
+    """With every branch's output projection zeroed, logits = unembed(LN_final(embeddings))."""
+    hp = tiny(use_encoder)
+    params = zeroed(random_params(hp))
+    zeroed_names = [name for name in params if module_name(name).endswith(BRANCH_OUTPUTS)]
+    encoder_N = hp.encoder_N if use_encoder else 0
+    assert len(zeroed_names) == 2 * hp.decoder_N + 2 * encoder_N + encoder_N  # self, ff; cross
+    tokens = random_tokens(9)
+    logits = jitted_apply(hp, False)(params, None, tokens)                  # [B, T, V]
+
+    # By hand (random_params gives the final LayerNorm scale != 1, offset != 0).
+    expected = by_hand(params, tokens)                                      # [B, T, V]
+    np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("activation, activate", [
+    ("relu", lambda h: np.maximum(h, 0)), ("relu2", lambda h: np.maximum(h, 0) ** 2)])
+def test_feed_forward_applies_its_activation(activation, activate):
+    """With attention's output projection zeroed, a one-layer model computes
+    unembed(LN_final(x + W2 act(LN_ff(x) W1 + b1) + b2)), x the embeddings, act the
+    HParams.activation: max(h, 0), or its square for relu2."""
+    hp = TINY._replace(decoder_N=1, activation=activation)
+    params = zeroed(random_params(hp), "self_attention/out")
+    tokens = random_tokens(4)
+    logits = jitted_apply(hp, False)(params, None, tokens)                  # [B, T, V]
+
+    def feed_forward(p, x):
+        ln, ff_in, ff_out = (p[f"transformer/decoder_0/{name}"]
+                             for name in ("ln_ff", "ff_in", "ff_out"))
+        h = activate(layer_norm(x, ln["scale"], ln["offset"]) @ ff_in["w"] + ff_in["b"])
+        return x + h @ ff_out["w"] + ff_out["b"]
+
+    expected = by_hand(params, tokens, feed_forward)
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("use_encoder", [False, True])
@@ -408,7 +409,7 @@ def test_stochastic_depth_drops_whole_sequences_branches_in_training_only(use_en
     params = random_params(hp)
     tokens = random_tokens(21)
     dropped = jitted_apply(hp, True)(params, jax.random.PRNGKey(3), tokens)
-    no_branches = jitted_apply(hp, False)(branches_zeroed(params), None, tokens)
+    no_branches = jitted_apply(hp, False)(zeroed(params), None, tokens)
     np.testing.assert_allclose(dropped, no_branches, atol=1e-5, rtol=1e-5)
     plain = jitted_apply(hp._replace(stochastic_depth=0.0), False)(params, None, tokens)
     np.testing.assert_array_equal(jitted_apply(hp, False)(params, None, tokens), plain)
@@ -425,7 +426,7 @@ def test_stochastic_depth_drops_whole_sequences_branches_in_training_only(use_en
     layer_params = {k.removeprefix("transformer/"): v for k, v in params.items()
                     if k.startswith("transformer/decoder_0")}
     out = jax.jit(stream)(layer_params, jax.random.PRNGKey(6), x)
-    keep_none = jax.jit(stream)(branches_zeroed(layer_params), jax.random.PRNGKey(6), x)
+    keep_none = jax.jit(stream)(zeroed(layer_params), jax.random.PRNGKey(6), x)
     np.testing.assert_allclose(keep_none, x, atol=1e-6)  # zeroed branches: the stream alone
     unchanged = np.all(np.isclose(out, x, atol=1e-6), axis=(1, 2))  # both branches dropped
     assert 0.15 < unchanged.mean() < 0.35, unchanged.mean()  # 0.5 * 0.5 of the sequences
