@@ -292,11 +292,11 @@ def check_config(config: Config) -> None:
         raise UserError(f"--learning_rate={config.learning_rate}: must be > 0.")
     if not 0 <= config.min_lr_ratio <= 1:
         raise UserError(f"--min_lr_ratio={config.min_lr_ratio}: must be in [0, 1].")
-    for name in ("warmup_iters", "sample_chars", "weight_decay", "grad_clip"):
-        if getattr(config, name) < 0:
-            raise UserError(f"--{name}={getattr(config, name)}: must be >= 0.")
-    if config.weight_decay_final is not None and config.weight_decay_final < 0:
-        raise UserError(f"--weight_decay_final={config.weight_decay_final}: must be >= 0.")
+    for name in ("warmup_iters", "sample_chars", "weight_decay", "weight_decay_final",
+                 "grad_clip"):
+        value = getattr(config, name)
+        if value is not None and value < 0:  # None: weight_decay_final unset
+            raise UserError(f"--{name}={value}: must be >= 0.")
     for name, values in (("compute_dtype", ("auto", "bfloat16", "float32")),
                          ("optimizer", ("adamw", "muon")), ("schedule", ("cosine", "wsd")),
                          ("batches", ("random", "shuffled"))):

@@ -585,26 +585,25 @@ def test_weight_decay_shrinks_matrices_and_embeddings_only():
     assert kept == {"b", "scale", "offset"}
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_weight_decay_final_moves_the_decay_linearly_over_the_run(optimizer):
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_weight_decay_final_moves_the_decay_linearly_over_the_run(name):
     """--weight_decay_final: with zero gradients and a constant learning rate, step k shrinks
     each decayed matrix by lr * (weight_decay + (final - weight_decay) * k / max_iters), and
     by lr * final past max_iters; without it every step shrinks by lr * weight_decay."""
-    config = train.CONFIG._replace(optimizer=optimizer, learning_rate=1e-2,
+    config = train.CONFIG._replace(optimizer=name, learning_rate=1e-2,
                                    muon_learning_rate=1e-2, warmup_iters=0, min_lr_ratio=1.0,
                                    max_iters=10, weight_decay=0.1, weight_decay_final=0.6,
                                    compute_dtype="float32")
     params = _tiny_params()
     zeros = jax.tree.map(jax.numpy.zeros_like, params)
     for final, expected in ((0.6, lambda k: 0.1 + 0.05 * min(k, 10)), (None, lambda k: 0.1)):
-        optimizer_ = train.make_optimizer(config._replace(weight_decay_final=final))
-        state, current = optimizer_.init(params), params
+        optimizer = train.make_optimizer(config._replace(weight_decay_final=final))
+        state, current = optimizer.init(params), params
         for k in range(12):
-            updates, state = optimizer_.update(zeros, state, current)
+            updates, state = optimizer.update(zeros, state, current)
             new = optax.apply_updates(current, updates)
-            w, before = new["transformer/decoder_0/ff_in"]["w"], current[
-                "transformer/decoder_0/ff_in"]["w"]
-            np.testing.assert_allclose(w, before * (1 - 1e-2 * expected(k)), rtol=1e-6)
+            before, after = (p["transformer/decoder_0/ff_in"]["w"] for p in (current, new))
+            np.testing.assert_allclose(after, before * (1 - 1e-2 * expected(k)), rtol=1e-6)
             current = new
 
 
