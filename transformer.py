@@ -186,8 +186,8 @@ def attention_weights(q: jax.Array, positions: jax.Array, blocks: Sequence[KeysV
 
 def fused_attention(q: jax.Array, positions: jax.Array, blocks: Sequence[KeysValues],
                     window: int | None, dropout: float = 0.0, dtype=None) -> jax.Array:
-    """softmax_attention of one block without dropout, by kernels.fused_attention (in the
-    queries' dtype, float32, whatever `dtype`)."""
+    """softmax_attention of one block without dropout, by kernels.fused_attention (its
+    matmuls' operands in the queries' dtype, the Linears' output dtype, whatever `dtype`)."""
     (block,) = blocks
     assert dropout == 0, "the fused kernel keeps no attention weights to drop"
     return kernels.fused_attention(q, block.k, block.v,
@@ -213,7 +213,7 @@ def rotary_angles(positions: jax.Array, key_size: int) -> tuple[jax.Array, jax.A
 def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """x [B, T, H, K] with feature pairs (i, i + K/2) rotated by the angles of cos, sin."""
     x1, x2 = jnp.split(x, 2, axis=-1)                                       # [B, T, H, K/2]
-    cos, sin = cos[:, None], sin[:, None]                                   # [T, 1, K/2]
+    cos, sin = cos[:, None].astype(x.dtype), sin[:, None].astype(x.dtype)  # [T, 1, K/2]
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
 
@@ -333,6 +333,11 @@ def sinusoidal_encodings(max_seq_len: int, d_model: int) -> np.ndarray:
     return table                                                   # [S, D]
 
 
+class Unembed(Linear):
+    """The Linear that makes logits: under build's policy its output stays float32, where
+    the other Linears' outputs are bfloat16 (a bfloat16 logit near 8 is off by up to 1/32)."""
+
+
 class Transformer(hk.Module):
     """Character Transformer: embeddings, [encoder,] decoder layers, final LN, logits."""
 
@@ -386,11 +391,11 @@ class Transformer(hk.Module):
                 x, positions, is_training, memories[i] if i < len(memories) else None,
                 layer_cache(name), last_query=last_only and i == hp.decoder_N - 1)
         x = _layer_norm("ln_final")(x)
-        logits = Linear(self.vocab_size, name="unembed",
-                        read_w_t=self.read_w_t)(x)                          # [B, T|1, V]
+        logits = Unembed(self.vocab_size, name="unembed",
+                         read_w_t=self.read_w_t)(x)                         # [B, T|1, V]
         logits = logits.astype(jnp.float32)
         if hp.ahead_loss and (ahead or hk.running_init()):  # its params exist from init on
-            after_next = Linear(self.vocab_size, name="unembed_ahead")(x)   # [B, T, V]
+            after_next = Unembed(self.vocab_size, name="unembed_ahead")(x)  # [B, T, V]
             if ahead:
                 return logits, after_next.astype(jnp.float32)
         return logits if cache is None else (logits, new_cache)
@@ -402,15 +407,18 @@ def build(hp: HParams, vocab_size: int, compute_dtype: str = "float32") -> hk.Tr
     apply(..., ahead=True), with HParams.ahead_loss -> (logits, the character after next's).
 
     compute_dtype "bfloat16" puts Linear under a jmp policy (float32 parameters, bfloat16
-    compute, float32 output), and the Transformer gives it to attention's explicit path
-    (training with dropout): those matmuls take bfloat16 operands and accumulate in float32.
+    compute and output, as PyTorch's autocast: the next matmul takes them as they are), and
+    the Transformer gives it to attention's explicit path (training with dropout): those
+    matmuls take bfloat16 operands and accumulate in float32. The logits (Unembed),
     LayerNorm, softmax, the residual stream and the loss stay float32.
     """
     validate(hp)
-    policy = jmp.get_policy(f"params=float32,compute={compute_dtype},output=float32")
+    policy = jmp.get_policy(f"params=float32,compute={compute_dtype},output={compute_dtype}")
+    logits_policy = policy.with_output_dtype(jnp.float32)
 
     def forward(tokens, is_training, last_only=False, ahead=False):
-        with hk.mixed_precision.push_policy(Linear, policy):
+        with (hk.mixed_precision.push_policy(Linear, policy),
+              hk.mixed_precision.push_policy(Unembed, logits_policy)):
             return Transformer(hp, vocab_size, compute_dtype)(tokens, is_training,
                                                               last_only=last_only, ahead=ahead)
 
