@@ -166,7 +166,8 @@ class Linear(hk.Linear):
     """hk.Linear (same parameters and initializers, always a bias) computed by `matmul`.
 
     Under a jmp policy (see transformer.build's `compute_dtype`) Haiku casts the input and
-    parameters to the compute dtype before this call and the output to float32 after it.
+    parameters to the compute dtype before this call and the output to the policy's output
+    dtype after it.
 
     With read_w_t, a single row x [1, I] with I > O is multiplied by the weight's transposed
     copy "w_t" [O, I] (see add_transposed_weights). XLA:CPU computes x @ w by streaming w's

@@ -300,8 +300,9 @@ def test_zero_dropout_training_equals_evaluation(use_encoder, dropout):
     ({"max_seq_len": 4, "d_model": 64, "h": 2}, 3),
 ])
 def test_bfloat16_compute_keeps_float32_params_and_matches_float32_loss(changes, batch_size):
-    """build(compute_dtype="bfloat16"): same parameters (float32), float32 logits, and the
-    loss and its gradient close to float32's (bfloat16 rounding), dropout on."""
+    """build(compute_dtype="bfloat16"): same parameters (float32), float32 logits of float32
+    precision, and the loss and its gradient close to float32's (bfloat16 rounding),
+    dropout on."""
     hp = tiny(False, **changes)
     params = random_params(hp)
     tokens = random_tokens(20, hp.max_seq_len, batch_size)
@@ -326,6 +327,11 @@ def test_bfloat16_compute_keeps_float32_params_and_matches_float32_loss(changes,
                       for t in (grads32, grads16))
     cosine = flat32 @ flat16 / jnp.linalg.norm(flat32) / jnp.linalg.norm(flat16)
     assert cosine > 0.99, cosine
+    # The other Linears return bfloat16; the logits keep float32's precision: few of them
+    # are bfloat16 numbers.
+    logits = jax.jit(transformer.build(hp, VOCAB, "bfloat16").apply, static_argnums=3)(
+        params, None, tokens, False)
+    assert np.mean(np.asarray(logits == logits.astype(jnp.bfloat16).astype(jnp.float32))) < 0.5
 
 
 # ---------------------------------------------------------------------------------------------
