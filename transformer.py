@@ -393,11 +393,10 @@ class Transformer(hk.Module):
         x = _layer_norm("ln_final")(x)
         logits = Unembed(self.vocab_size, name="unembed",
                          read_w_t=self.read_w_t)(x)                         # [B, T|1, V]
-        logits = logits.astype(jnp.float32)
         if hp.ahead_loss and (ahead or hk.running_init()):  # its params exist from init on
             after_next = Unembed(self.vocab_size, name="unembed_ahead")(x)  # [B, T, V]
             if ahead:
-                return logits, after_next.astype(jnp.float32)
+                return logits, after_next
         return logits if cache is None else (logits, new_cache)
 
 
