@@ -114,8 +114,8 @@ def choose_preset(requested: str, platform: str | None = None) -> tuple[str, str
         return requested, "--preset"
     platform = platform or jax.default_backend()
     if platform == "cpu":
-        return "cpu", ("auto: JAX runs on the CPU: the recipe for an hour on 2 CPU cores "
-                       "(a 4 x 256 streaming model)")
+        return "cpu", ("auto: JAX runs on the CPU: the recipe for an hour on 2 Zen 5 cores "
+                       "(a 4 x 256 streaming model; slower CPUs take longer)")
     return "gpu", (f"auto: JAX runs on {platform}: the GPU recipe (a 6 x 384 streaming "
                    "model; its time is unmeasured)")
 
