@@ -180,34 +180,48 @@ def check_splits(path: str, num_chars: int, train_window: int, val_window: int) 
         f"characters, or a smaller --max_seq_len.")
 
 
-def sample_batch(key: jax.Array, ids: jax.Array, batch_size: int, seq_len: int):
-    """Random windows of ids, on the device: inputs [B, T] and targets shifted by one [B, T]."""
-    starts = jax.random.randint(key, (batch_size,), 0, ids.shape[0] - seq_len)  # [B]
-    windows = ids[starts[:, None] + jnp.arange(seq_len + 1)]                      # [B, T+1]
-    return windows[:, :-1], windows[:, 1:]
+def sample_starts(key: jax.Array, num_ids: int, batch_size: int, seq_len: int) -> jax.Array:
+    """[B] random window starts in ids of length num_ids (window_batch cuts the windows)."""
+    return jax.random.randint(key, (batch_size,), 0, num_ids - seq_len)
 
 
 def windows_per_pass(num_ids: int, seq_len: int) -> int:
-    """How many windows (of seq_len + 1 ids) one of shuffled_batch's passes cuts: any offset
+    """How many windows (of seq_len + 1 ids) one of shuffled_starts's passes cuts: any offset
     below seq_len leaves room for them all."""
     return (num_ids - seq_len) // seq_len
 
 
-def shuffled_batch(key: jax.Array, step: jax.Array, ids: jax.Array, batch_size: int,
-                   seq_len: int):
-    """Batch `step` of shuffled passes over ids: each pass cuts them into windows at its own
-    random offset and visits them in its own random order, so that every character is
-    trained on once per pass (random windows miss some and repeat others). -> (inputs,
-    targets) as sample_batch's. `key` is fixed for the run; the step picks pass and batch."""
-    per_pass = windows_per_pass(ids.shape[0], seq_len)
+def shuffled_starts(key: jax.Array, step: jax.Array, num_ids: int, batch_size: int,
+                    seq_len: int) -> jax.Array:
+    """[B] window starts of batch `step` of shuffled passes over ids of length num_ids: each
+    pass cuts them into windows at its own random offset and visits them in its own random
+    order, so that every character is trained on once per pass (random windows miss some and
+    repeat others). `key` is fixed for the run; the step picks pass and batch."""
+    per_pass = windows_per_pass(num_ids, seq_len)
     batches = per_pass // batch_size                                  # whole batches in it
     pass_key = jax.random.fold_in(key, step // batches)
     offset = jax.random.randint(jax.random.fold_in(pass_key, 0), (), 0, seq_len)
     order = jax.random.permutation(jax.random.fold_in(pass_key, 1), per_pass)
-    starts = offset + seq_len * jax.lax.dynamic_slice_in_dim(
-        order, (step % batches) * batch_size, batch_size)             # [B]
+    return offset + seq_len * jax.lax.dynamic_slice_in_dim(
+        order, (step % batches) * batch_size, batch_size)
+
+
+def window_batch(ids: jax.Array, starts: jax.Array, seq_len: int):
+    """The windows at `starts` [B], on the device: inputs [B, T] and targets shifted by one."""
     windows = ids[starts[:, None] + jnp.arange(seq_len + 1)]          # [B, T+1]
     return windows[:, :-1], windows[:, 1:]
+
+
+def sample_batch(key: jax.Array, ids: jax.Array, batch_size: int, seq_len: int):
+    """Random windows of ids: (inputs, targets) as window_batch's."""
+    return window_batch(ids, sample_starts(key, ids.shape[0], batch_size, seq_len), seq_len)
+
+
+def shuffled_batch(key: jax.Array, step: jax.Array, ids: jax.Array, batch_size: int,
+                   seq_len: int):
+    """Batch `step` of shuffled passes over ids (shuffled_starts): (inputs, targets)."""
+    starts = shuffled_starts(key, step, ids.shape[0], batch_size, seq_len)
+    return window_batch(ids, starts, seq_len)
 
 
 class Windows(NamedTuple):

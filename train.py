@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import checkpoint
 import data
+import distill
 import eval as evaluation
 import generate
 import kernels
@@ -52,6 +53,10 @@ class Config(NamedTuple):
     ema_decay: float = 0.0         # evaluate (and keep as the best params) a moving average
                                    # of the params, this much of it kept per step (0: none)
     batches: str = "random"        # "random" windows, or "shuffled" passes over the text
+    teachers: str = ""             # params files (comma-separated) trained on this text:
+                                   # distil their ensemble into this model (distill.py)
+    distill_weight: float = 0.5    # with teachers: the weight of the cross-entropy against
+                                   # their averaged predictions (the rest: the next character)
     compute_dtype: str = "auto"    # training matmuls' operands (float32 accumulation and
                                    # params either way): "bfloat16", "float32", or "auto":
                                    # bfloat16 where it runs natively (README, "Precision")
@@ -236,40 +241,50 @@ def make_mesh() -> jax.sharding.Mesh:
 
 def make_train_step(model: hk.Transformed, optimizer, batch_size: int, seq_len: int,
                     batch_sharding: jax.sharding.Sharding | None = None,
-                    shuffle_key: jax.Array | None = None, ahead_loss: float = 0.0):
-    """jitted (state, train_ids) -> (state, metrics): one optimizer step on a batch of random
-    windows or, with `shuffle_key`, on the next batch of data.shuffled_batch's passes.
+                    shuffle_key: jax.Array | None = None, ahead_loss: float = 0.0,
+                    distill_weight: float = 0.0):
+    """jitted (state, train_ids[, teacher]) -> (state, metrics): one optimizer step on a
+    batch of random windows or, with `shuffle_key`, on the next batch of
+    data.shuffled_starts's passes.
 
     With `batch_sharding`, the batch is split across the mesh and, since the state is
     replicated, XLA all-reduces the gradients: plain data parallelism. With `ahead_loss`
     (HParams.ahead_loss), the loss minimized adds that weight times the cross-entropy of the
-    model's second head on the character after next; metrics["loss"] is the next
+    model's second head on the character after next. With `teacher` ([len(train_ids) - 1,
+    V]: distill.teacher_targets), `distill_weight` of the next character's cross-entropy is
+    taken against the teachers' distribution instead. metrics["loss"] is the next
     character's alone, as evaluation measures it.
     """
-    cross_entropy = lambda logits, targets: optax.softmax_cross_entropy_with_integer_labels(
-        logits, targets).mean()
-
-    def loss_fn(params, rng, inputs, targets):
-        if not ahead_loss:
+    def loss_fn(params, rng, inputs, targets, soft_targets):
+        if ahead_loss:
+            logits, after_next = model.apply(params, rng, inputs, True, ahead=True)
+        else:
             logits = model.apply(params, rng, inputs, True)                  # [B, T, V]
-            loss = cross_entropy(logits, targets)
-            return loss, loss
-        logits, after_next = model.apply(params, rng, inputs, True, ahead=True)
-        loss = cross_entropy(logits, targets)
-        return loss + ahead_loss * cross_entropy(after_next[:, :-1], targets[:, 1:]), loss
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+        objective = loss
+        if soft_targets is not None:
+            soft = optax.softmax_cross_entropy(logits, soft_targets).mean()
+            objective = (1 - distill_weight) * loss + distill_weight * soft
+        if ahead_loss:
+            objective += ahead_loss * optax.softmax_cross_entropy_with_integer_labels(
+                after_next[:, :-1], targets[:, 1:]).mean()
+        return objective, loss
 
-    def train_step(state: TrainState, train_ids: jax.Array):
+    def train_step(state: TrainState, train_ids: jax.Array, teacher: jax.Array | None = None):
         rng, batch_key, dropout_key = jax.random.split(state.rng, 3)
         if shuffle_key is None:
-            inputs, targets = data.sample_batch(batch_key, train_ids, batch_size, seq_len)
+            starts = data.sample_starts(batch_key, train_ids.shape[0], batch_size, seq_len)
         else:
-            inputs, targets = data.shuffled_batch(shuffle_key, state.step, train_ids,
-                                                  batch_size, seq_len)
+            starts = data.shuffled_starts(shuffle_key, state.step, train_ids.shape[0],
+                                          batch_size, seq_len)
+        inputs, targets = data.window_batch(train_ids, starts, seq_len)
+        soft_targets = (None if teacher is None else
+                        teacher[starts[:, None] + jnp.arange(seq_len)])     # [B, T, V]
         if batch_sharding is not None:
-            inputs, targets = jax.lax.with_sharding_constraint((inputs, targets),
-                                                               batch_sharding)
+            inputs, targets, soft_targets = jax.lax.with_sharding_constraint(
+                (inputs, targets, soft_targets), batch_sharding)
         (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, dropout_key, inputs, targets)
+            state.params, dropout_key, inputs, targets, soft_targets)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -309,6 +324,8 @@ def check_config(config: Config) -> None:
         raise UserError(f"--decay_fraction={config.decay_fraction}: must be in (0, 1].")
     if not 0 <= config.ema_decay < 1:
         raise UserError(f"--ema_decay={config.ema_decay}: must be in [0, 1).")
+    if not 0 <= config.distill_weight <= 1:
+        raise UserError(f"--distill_weight={config.distill_weight}: must be in [0, 1].")
 
 
 class Start(NamedTuple):
@@ -358,8 +375,9 @@ class Setup(NamedTuple):
     """What the loop needs: set_up makes it."""
     hparams: transformer.HParams  # the run's (a resumed run's come from its file)
     state: TrainState             # on the devices, replicated
-    train_step: Callable          # jitted (state, train_ids) -> (state, metrics)
+    train_step: Callable          # jitted (state, train_ids, teacher) -> (state, metrics)
     train_ids: jax.Array          # the training split, on every device
+    teacher: jax.Array | None     # with --teachers: their averaged predictions of train_ids
     evaluate: Callable            # params -> (train_loss, val_loss) over the fixed windows
     sample: Callable | None       # (params, step) -> a text sample for Aim, or None
     run: Run
@@ -393,7 +411,7 @@ def set_up(config: Config, hparams: transformer.HParams, entered: float) -> Setu
     train_step = make_train_step(transformer.build(hparams, len(vocab), compute_dtype),
                                  optimizer, config.batch_size, hparams.max_seq_len,
                                  NamedSharding(mesh, P("data")), shuffle_key,
-                                 hparams.ahead_loss)
+                                 hparams.ahead_loss, config.distill_weight)
     state = jax.tree.map(lambda x: data.put(np.asarray(x), replicated), start.state)
     run = Run(config, hparams, vocab, start.meta, compute_dtype,
               started=entered - start.meta.get("wall_s", 0.0),  # the run's, compiles included
@@ -404,8 +422,13 @@ def set_up(config: Config, hparams: transformer.HParams, entered: float) -> Setu
     evaluate = make_evaluate(hparams, len(vocab), ids, config.eval_batch_size, mesh)
     sample = (make_sample(hparams, vocab, config.sample_chars)
               if config.sample_chars and run.tracker.run is not None else None)
-    return Setup(hparams, state, train_step, data.put(train_ids, replicated), evaluate,
-                 sample, run)
+    teacher = None
+    if config.teachers:
+        teacher = data.put(distill.teacher_targets(config.teachers, train_ids, vocab,
+                                                   compute_dtype), replicated)
+        run.say(f"teachers: {config.teachers} (distill_weight {config.distill_weight})")
+    return Setup(hparams, state, train_step, data.put(train_ids, replicated), teacher,
+                 evaluate, sample, run)
 
 
 def make_evaluate(hparams: transformer.HParams, vocab_size: int, ids: np.ndarray,
@@ -511,7 +534,7 @@ def train(config: Config, hparams: transformer.HParams, stop_at: int | None = No
     try:
         with StopRequest() as stop:
             while step < config.max_iters and stop.signum is None and step != stop_at:
-                state, metrics = setup.train_step(state, setup.train_ids)
+                state, metrics = setup.train_step(state, setup.train_ids, setup.teacher)
                 step += 1
                 speed.steps += 1
                 bar.update(1)

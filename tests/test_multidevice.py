@@ -36,10 +36,10 @@ compiled = []
 make_train_step = train.make_train_step
 def spy(*args):
     step = make_train_step(*args)
-    def first_lowered(state, ids):
+    def first_lowered(state, *data):
         if not compiled:
-            compiled.append(step.lower(state, ids).compile().as_text())
-        return step(state, ids)
+            compiled.append(step.lower(state, *data).compile().as_text())
+        return step(state, *data)
     return first_lowered
 train.make_train_step = spy
 meta = train.train(config, TINY)

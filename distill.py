@@ -1,0 +1,70 @@
+"""Ensemble distillation: a student trained towards its teachers' averaged predictions.
+
+In the data-limited regime an ensemble of separately trained models predicts better than any
+of its members, and a student trained on the ensemble's predicted distributions keeps much of
+that gain in one model (Kim et al. 2025, arXiv 2509.14786). `python train.py --teachers=A,B`
+computes, once before training, each teacher's distribution of the next character at every
+position of the training split and averages them (teacher_targets); each training step then
+minimizes
+
+    (1 - distill_weight) * cross-entropy(the next character)
+        + distill_weight * cross-entropy(the teachers' distribution)
+
+at every position (train.make_train_step). The logged training loss stays the first term's,
+as evaluation measures it. A streaming teacher predicts each character with all the text
+before it that it can see (transformer.reach), like its sampler; any other teacher with
+non-overlapping windows of its max_seq_len.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import checkpoint
+import transformer
+from common import UserError
+
+STREAM_CHUNK = 8192  # positions predicted per forward pass of a streaming teacher
+
+
+def load_teachers(paths: str, vocab: str) -> list[checkpoint.Checkpoint]:
+    """The comma-separated params files `paths`, each checked to share the student's vocab."""
+    teachers = []
+    for path in paths.split(","):
+        ckpt = checkpoint.load(path)
+        if ckpt.vocab != vocab:
+            raise UserError(f"--teachers: {path!r} was trained on another text (its "
+                            f"{len(ckpt.vocab)} characters differ from the student's "
+                            f"{len(vocab)}): use teachers trained on --source_file.")
+        teachers.append(ckpt)
+    return teachers
+
+
+def teacher_probs(ckpt: checkpoint.Checkpoint, ids: np.ndarray,
+                  compute_dtype: str = "float32") -> np.ndarray:
+    """[len(ids) - 1, V] float32: the teacher's distribution of ids[t + 1] at each t."""
+    hp, inputs = ckpt.hparams, ids[:-1]
+    if transformer.streams(hp):  # each chunk read after the `context` positions it depends on
+        context, chunk = transformer.reach(hp), STREAM_CHUNK
+    else:
+        context, chunk = 0, hp.max_seq_len
+    model = transformer.build(hp, len(ckpt.vocab), compute_dtype)
+    forward = jax.jit(lambda params, x: jax.nn.softmax(
+        model.apply(params, None, x[None], False)[0].astype(jnp.float32)))
+    params, length = jax.device_put(ckpt.params), context + chunk
+    probs = np.empty((len(inputs), len(ckpt.vocab)), np.float32)
+    for begin in range(0, len(inputs), chunk):
+        low = max(0, begin - context)
+        segment = inputs[low: low + length]  # zero-padded at the end: causal, so unseen
+        out = forward(params, np.pad(segment, (0, length - len(segment))))
+        end = min(begin + chunk, len(inputs))
+        probs[begin:end] = out[begin - low: end - low]
+    return probs
+
+
+def teacher_targets(paths: str, ids: np.ndarray, vocab: str,
+                    compute_dtype: str = "float32") -> np.ndarray:
+    """[len(ids) - 1, V]: the mean of the teachers' (comma-separated params files)
+    distributions of each next character (teacher_probs)."""
+    teachers = load_teachers(paths, vocab)
+    return sum(teacher_probs(t, ids, compute_dtype) for t in teachers) / len(teachers)
