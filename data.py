@@ -212,18 +212,6 @@ def window_batch(ids: jax.Array, starts: jax.Array, seq_len: int):
     return windows[:, :-1], windows[:, 1:]
 
 
-def sample_batch(key: jax.Array, ids: jax.Array, batch_size: int, seq_len: int):
-    """Random windows of ids: (inputs, targets) as window_batch's."""
-    return window_batch(ids, sample_starts(key, ids.shape[0], batch_size, seq_len), seq_len)
-
-
-def shuffled_batch(key: jax.Array, step: jax.Array, ids: jax.Array, batch_size: int,
-                   seq_len: int):
-    """Batch `step` of shuffled passes over ids (shuffled_starts): (inputs, targets)."""
-    starts = shuffled_starts(key, step, ids.shape[0], batch_size, seq_len)
-    return window_batch(ids, starts, seq_len)
-
-
 class Windows(NamedTuple):
     """Fixed evaluation windows: loss = sum(weights * nll(inputs -> targets)) / sum(weights)."""
     inputs: np.ndarray   # [W, T] int32

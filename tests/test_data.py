@@ -187,7 +187,12 @@ def test_split_sizes(n, n_train):
     np.testing.assert_array_equal(val, ids[n_train:])    # then the rest: the end of the book
 
 
-# ---- sample_batch ----
+# ---- batches: sample_starts, window_batch ----
+
+def sample_batch(key, ids, batch_size, seq_len):
+    return data.window_batch(ids, data.sample_starts(key, len(ids), batch_size, seq_len),
+                             seq_len)
+
 
 OFFSET = 1000  # ids[i] = OFFSET + i: values differ from positions, yet name them
 SOURCE = jnp.arange(50, dtype=jnp.int32) + OFFSET
@@ -195,7 +200,7 @@ SOURCE = jnp.arange(50, dtype=jnp.int32) + OFFSET
 
 def test_sample_batch_windows():
     batch_size, seq_len = 2000, 8
-    inputs, targets = data.sample_batch(jax.random.PRNGKey(0), SOURCE, batch_size, seq_len)
+    inputs, targets = sample_batch(jax.random.PRNGKey(0), SOURCE, batch_size, seq_len)
     assert inputs.shape == targets.shape == (batch_size, seq_len)
     inputs, targets, source = np.asarray(inputs), np.asarray(targets), np.asarray(SOURCE)
     starts = inputs[:, 0] - OFFSET
@@ -207,9 +212,9 @@ def test_sample_batch_windows():
 
 
 def test_sample_batch_deterministic_per_key():
-    first = data.sample_batch(jax.random.PRNGKey(3), SOURCE, 16, 8)
-    again = data.sample_batch(jax.random.PRNGKey(3), SOURCE, 16, 8)
-    other = data.sample_batch(jax.random.PRNGKey(4), SOURCE, 16, 8)
+    first = sample_batch(jax.random.PRNGKey(3), SOURCE, 16, 8)
+    again = sample_batch(jax.random.PRNGKey(3), SOURCE, 16, 8)
+    other = sample_batch(jax.random.PRNGKey(4), SOURCE, 16, 8)
     for a, b in zip(first, again):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(first[0], other[0])

@@ -29,7 +29,8 @@ optimizer = train.make_optimizer(config)
 mesh = train.make_mesh()
 split = NamedSharding(mesh, P("data"))
 inputs, _ = jax.jit(lambda k, ids: jax.lax.with_sharding_constraint(
-    data.sample_batch(k, ids, 8, TINY.max_seq_len), split))(
+    data.window_batch(ids, data.sample_starts(k, len(ids), 8, TINY.max_seq_len),
+                      TINY.max_seq_len), split))(
     jax.random.PRNGKey(0), np.arange(1000, dtype=np.int32))
 # The compiled step that train() runs, as text: its first call lowers it once more.
 compiled = []

@@ -13,9 +13,10 @@ import transformer
 from conftest import CORPUS, ROOT, SHAKESPEARE, run_script
 
 
-# Each preset's target, on its shipped file: (eval.py's metric, at most this). Cervantes on
-# the project's 128-character windows; Tiny Shakespeare on nanoGPT's measure (issue 32).
-TARGETS = {"cpu": ("val_loss", 1.36), "shakespeare": ("val_loss_256", 1.40)}
+# Each preset's bound, on its shipped file: (eval.py's metric, at most this). Cervantes on
+# the project's 128-character windows (issue 32's target, 1.29, is not yet met: the shipped
+# file scores 1.2943); Tiny Shakespeare on nanoGPT's measure (issue 32's target).
+TARGETS = {"cpu": ("val_loss", 1.30), "shakespeare": ("val_loss_256", 1.40)}
 
 
 @pytest.mark.parametrize("preset, text", [("cpu", CORPUS), ("shakespeare", SHAKESPEARE)])

@@ -696,6 +696,11 @@ def test_muon_orthogonalizes_hidden_matrices_and_adamw_takes_the_rest(compute_dt
             np.testing.assert_allclose(new[module][name], value * factor, rtol=1e-6)
 
 
+def shuffled_batch(key, step, ids, batch_size, seq_len):
+    starts = data.shuffled_starts(key, jax.numpy.int32(step), len(ids), batch_size, seq_len)
+    return data.window_batch(ids, starts, seq_len)
+
+
 def test_shuffled_passes_visit_every_window_once_per_pass():
     ids = jax.numpy.arange(1000, dtype=jax.numpy.int32)
     key, B, T = jax.random.PRNGKey(0), 4, 10
@@ -705,7 +710,7 @@ def test_shuffled_passes_visit_every_window_once_per_pass():
     def first_ids(pass_index):
         starts = []
         for step in range(pass_index * batches, (pass_index + 1) * batches):
-            inputs, targets = data.shuffled_batch(key, jax.numpy.int32(step), ids, B, T)
+            inputs, targets = shuffled_batch(key, step, ids, B, T)
             np.testing.assert_array_equal(targets, inputs + 1)
             np.testing.assert_array_equal(inputs, inputs[:, :1] + np.arange(T))
             starts += np.asarray(inputs[:, 0]).tolist()
@@ -734,7 +739,7 @@ def test_each_shuffled_pass_cuts_the_text_at_its_own_offset():
     batches = (1000 - T) // T // B
     offsets = []
     for pass_index in range(8):
-        inputs, _ = data.shuffled_batch(key, jax.numpy.int32(pass_index * batches), ids, B, T)
+        inputs, _ = shuffled_batch(key, pass_index * batches, ids, B, T)
         cut = {int(s) % T for s in np.asarray(inputs[:, 0])}
         assert len(cut) == 1  # one offset within a pass
         offsets += cut
