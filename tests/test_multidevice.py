@@ -37,10 +37,10 @@ compiled = []
 make_train_step = train.make_train_step
 def spy(*args):
     step = make_train_step(*args)
-    def first_lowered(state, *data):
+    def first_lowered(state, *arrays):
         if not compiled:
-            compiled.append(step.lower(state, *data).compile().as_text())
-        return step(state, *data)
+            compiled.append(step.lower(state, *arrays).compile().as_text())
+        return step(state, *arrays)
     return first_lowered
 train.make_train_step = spy
 meta = train.train(config, TINY)

@@ -373,8 +373,8 @@ def _signal_after(monkeypatch, signum, at_step: int) -> None:
     def make_train_step(*args):
         step_fn = real_make_train_step(*args)
 
-        def step(state, *data):
-            state, metrics = step_fn(state, *data)
+        def step(state, *arrays):
+            state, metrics = step_fn(state, *arrays)
             if int(state.step) == at_step:
                 os.kill(os.getpid(), signum)
             return state, metrics
@@ -492,8 +492,8 @@ def test_non_finite_loss_stops_with_clear_error_and_keeps_files(tmp_path, monkey
     def poisoned_make_train_step(*args):
         step_fn = real_make_train_step(*args)
 
-        def step(state, *data):
-            state, metrics = step_fn(state, *data)
+        def step(state, *arrays):
+            state, metrics = step_fn(state, *arrays)
             if int(state.step) > 12:
                 metrics = dict(metrics, loss=metrics["loss"] * np.nan)
             return state, metrics
