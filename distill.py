@@ -17,14 +17,12 @@ non-overlapping windows of its max_seq_len.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import checkpoint
+import eval as evaluation
 import transformer
 from common import UserError
-
-STREAM_CHUNK = 8192  # positions predicted per forward pass of a streaming teacher
 
 
 def load_teachers(paths: str, vocab: str) -> list[checkpoint.Checkpoint]:
@@ -43,23 +41,14 @@ def load_teachers(paths: str, vocab: str) -> list[checkpoint.Checkpoint]:
 def teacher_probs(ckpt: checkpoint.Checkpoint, ids: np.ndarray,
                   compute_dtype: str = "float32") -> np.ndarray:
     """[len(ids) - 1, V] float32: the teacher's distribution of ids[t + 1] at each t."""
-    hp, inputs = ckpt.hparams, ids[:-1]
-    if transformer.streams(hp):  # each chunk read after the `context` positions it depends on
-        context, chunk = transformer.reach(hp), STREAM_CHUNK
+    hp = ckpt.hparams
+    if transformer.streams(hp):
+        chunk, context = evaluation.STREAM_CHUNK, transformer.reach(hp)
     else:
-        context, chunk = 0, hp.max_seq_len
+        chunk, context = hp.max_seq_len, 0
     model = transformer.build(hp, len(ckpt.vocab), compute_dtype)
-    forward = jax.jit(lambda params, x: jax.nn.softmax(
-        model.apply(params, None, x[None], False)[0].astype(jnp.float32)))
-    params, length = jax.device_put(ckpt.params), context + chunk
-    probs = np.empty((len(inputs), len(ckpt.vocab)), np.float32)
-    for begin in range(0, len(inputs), chunk):
-        low = max(0, begin - context)
-        segment = inputs[low: low + length]  # zero-padded at the end: causal, so unseen
-        out = forward(params, np.pad(segment, (0, length - len(segment))))
-        end = min(begin + chunk, len(inputs))
-        probs[begin:end] = out[begin - low: end - low]
-    return probs
+    logits = evaluation.chunked_logits(model, ckpt.params, ids[:-1], chunk, context)
+    return np.asarray(jax.nn.softmax(logits))
 
 
 def teacher_targets(paths: str, ids: np.ndarray, vocab: str,

@@ -35,6 +35,7 @@ SHIPPED_PARAMS = {"cpu": "params/params.8e8082dbf9384b1691276a76.pkl.min_val.pkl
 DEFAULT_PARAMS = SHIPPED_PARAMS["cpu"]
 EVAL_SEQ_LEN = 128  # the project's metric: windows of 128 characters, whatever max_seq_len
 NANOGPT_SEQ_LEN = 256  # nanoGPT's shakespeare_char block_size: val_loss_256
+STREAM_CHUNK = 8192  # positions per forward pass of chunked_logits for a streaming model
 
 
 class Config(NamedTuple):
@@ -98,6 +99,24 @@ def make_stream_loss(model: hk.Transformed):
         return optax.softmax_cross_entropy_with_integer_labels(logits, ids[None, 1:]).mean()
 
     return stream_loss
+
+
+def chunked_logits(model: hk.Transformed, params, ids: np.ndarray, chunk: int,
+                   context: int) -> np.ndarray:
+    """[len(ids), V] float32: the logits after each of ids, in forward passes over `chunk`
+    positions, each read after the `context` positions before it. With context =
+    transformer.reach(hp) a streaming model's are exactly those of one pass over all of ids
+    (each character predicted with all the text before it), in memory that does not grow
+    with the text; with context 0 and chunk = max_seq_len, non-overlapping windows."""
+    forward = jax.jit(lambda p, x: model.apply(p, None, x[None], False)[0].astype(jnp.float32))
+    params, length = jax.device_put(params), min(context + chunk, len(ids))
+    logits = []
+    for begin in range(0, len(ids), chunk):
+        low = max(0, begin - context)
+        segment = ids[low: low + length]  # zero-padded at the end: causal, so unseen
+        out = forward(params, np.pad(segment, (0, length - len(segment))))
+        logits.append(np.asarray(out[begin - low: min(begin + chunk, len(ids)) - low]))
+    return np.concatenate(logits)
 
 
 def split_windows(ids: np.ndarray, seq_len: int) -> tuple[data.Windows, data.Windows]:

@@ -85,17 +85,19 @@ class Predictions(NamedTuple):
 
 def next_logits(ckpt: checkpoint.Checkpoint, ids: np.ndarray, batch_size: int = 64):
     """[N, V]: row i the logits of the character after ids[i], given what the sampler would
-    give the model: a streaming model every character before (one pass, as val_loss_stream);
+    give the model: a streaming model every character before (as val_loss_stream, in chunks);
     another model the last max_seq_len characters (one pass over the first max_seq_len, then
     one window per character, the last position's logits)."""
     hp = ckpt.hparams
     model = transformer.build(hp, len(ckpt.vocab))
-    params = jax.device_put(ckpt.params)
-    forward = jax.jit(lambda p, x: model.apply(p, None, x, False))
-    if transformer.streams(hp) or len(ids) <= hp.max_seq_len:
-        return np.asarray(forward(params, jnp.asarray(ids)[None])[0])
+    if transformer.streams(hp):
+        return evaluation.chunked_logits(model, ckpt.params, ids, evaluation.STREAM_CHUNK,
+                                         transformer.reach(hp))
     S = hp.max_seq_len
-    head = np.asarray(forward(params, jnp.asarray(ids[:S])[None])[0])       # [S, V]
+    head = evaluation.chunked_logits(model, ckpt.params, ids[:S], S, 0)     # [S, V]
+    if len(ids) <= S:
+        return head
+    params = jax.device_put(ckpt.params)
     windows = np.lib.stride_tricks.sliding_window_view(ids, S)[1:]         # [N - S, S]
     pad = -len(windows) % batch_size
     batches = np.concatenate([windows, np.zeros((pad, S), windows.dtype)]).reshape(

@@ -10,6 +10,7 @@ import pytest
 import checkpoint
 import data
 import distill
+import eval as evaluation
 import train
 import transformer
 from common import UserError
@@ -32,7 +33,7 @@ def softmax(model, params, tokens) -> np.ndarray:
 def test_streaming_teacher_predicts_each_character_from_all_it_can_see(monkeypatch):
     """Chunked, with the context each chunk depends on read first: the same distributions as
     one forward pass over the whole text."""
-    monkeypatch.setattr(distill, "STREAM_CHUNK", 12)
+    monkeypatch.setattr(evaluation, "STREAM_CHUNK", 12)
     teacher = random_teacher(STREAMING, 0)
     ids = np.random.default_rng(0).integers(0, len(VOCAB), 100).astype(np.int32)
     probs = distill.teacher_probs(teacher, ids)
