@@ -228,7 +228,7 @@ def test_gpu_recipe_lowers_for_cuda():
     model = transformer.build(hp, V, "bfloat16")
     optimizer = train.make_optimizer(config)
     step = train.make_train_step(model, optimizer, config.batch_size, hp.max_seq_len,
-                                 shuffle_key=jax.random.PRNGKey(1))
+                                 shuffle_key=jax.random.PRNGKey(1), ahead_loss=hp.ahead_loss)
 
     def initial_state():
         params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, hp.max_seq_len), jnp.int32),
