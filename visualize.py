@@ -179,7 +179,7 @@ def plot_attention(maps: dict[str, np.ndarray], span: str, window: int | None, p
     heads = maps[names[0]].shape[0]
     L = len(span)
     fig, axes = plt.subplots(len(names), heads, figsize=(3.4 * heads, 3.4 * len(names)),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")  # room for the suptitle
     for row, name in enumerate(names):
         for head in range(heads):
             ax = axes[row, head]
@@ -192,7 +192,6 @@ def plot_attention(maps: dict[str, np.ndarray], span: str, window: int | None, p
             ax.set_title(f"{name} head {head}", fontsize=8)
     fig.suptitle(f"attention weights (square root), {L} characters: queries down, keys "
                  f"across{'' if window is None else f'; window {window}'}", fontsize=10)
-    fig.tight_layout()
     drawn, buffer = io.BytesIO(), io.BytesIO()
     fig.savefig(drawn, format="png", dpi=72)
     plt.close(fig)
