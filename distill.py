@@ -41,13 +41,8 @@ def load_teachers(paths: str, vocab: str) -> list[checkpoint.Checkpoint]:
 def teacher_probs(ckpt: checkpoint.Checkpoint, ids: np.ndarray,
                   compute_dtype: str = "float32") -> np.ndarray:
     """[len(ids) - 1, V] float32: the teacher's distribution of ids[t + 1] at each t."""
-    hp = ckpt.hparams
-    if transformer.streams(hp):
-        chunk, context = evaluation.STREAM_CHUNK, transformer.reach(hp)
-    else:
-        chunk, context = hp.max_seq_len, 0
-    model = transformer.build(hp, len(ckpt.vocab), compute_dtype)
-    logits = evaluation.chunked_logits(model, ckpt.params, ids[:-1], chunk, context)
+    model = transformer.build(ckpt.hparams, len(ckpt.vocab), compute_dtype)
+    logits = evaluation.chunked_logits(model, ckpt.params, ckpt.hparams, ids[:-1])
     return np.asarray(jax.nn.softmax(logits))
 
 

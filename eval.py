@@ -101,13 +101,17 @@ def make_stream_loss(model: hk.Transformed):
     return stream_loss
 
 
-def chunked_logits(model: hk.Transformed, params, ids: np.ndarray, chunk: int,
-                   context: int) -> np.ndarray:
-    """[len(ids), V] float32: the logits after each of ids, in forward passes over `chunk`
-    positions, each read after the `context` positions before it. With context =
-    transformer.reach(hp) a streaming model's are exactly those of one pass over all of ids
-    (each character predicted with all the text before it), in memory that does not grow
-    with the text; with context 0 and chunk = max_seq_len, non-overlapping windows."""
+def chunked_logits(model: hk.Transformed, params, hp: transformer.HParams,
+                   ids: np.ndarray) -> np.ndarray:
+    """[len(ids), V] float32: the logits after each of ids, in bounded memory. A streaming
+    model's are exactly those of one pass over all of ids (each character predicted with all
+    the text before it): passes over STREAM_CHUNK positions, each read after the
+    transformer.reach(hp) positions it depends on. Any other model's come from
+    non-overlapping windows of its max_seq_len."""
+    if transformer.streams(hp):
+        chunk, context = STREAM_CHUNK, transformer.reach(hp)
+    else:
+        chunk, context = hp.max_seq_len, 0
     forward = jax.jit(lambda p, x: model.apply(p, None, x[None], False)[0].astype(jnp.float32))
     params, length = jax.device_put(params), min(context + chunk, len(ids))
     logits = []

@@ -90,13 +90,10 @@ def next_logits(ckpt: checkpoint.Checkpoint, ids: np.ndarray, batch_size: int = 
     one window per character, the last position's logits)."""
     hp = ckpt.hparams
     model = transformer.build(hp, len(ckpt.vocab))
-    if transformer.streams(hp):
-        return evaluation.chunked_logits(model, ckpt.params, ids, evaluation.STREAM_CHUNK,
-                                         transformer.reach(hp))
     S = hp.max_seq_len
-    head = evaluation.chunked_logits(model, ckpt.params, ids[:S], S, 0)     # [S, V]
-    if len(ids) <= S:
-        return head
+    if transformer.streams(hp) or len(ids) <= S:
+        return evaluation.chunked_logits(model, ckpt.params, hp, ids)
+    head = evaluation.chunked_logits(model, ckpt.params, hp, ids[:S])        # [S, V]
     params = jax.device_put(ckpt.params)
     windows = np.lib.stride_tricks.sliding_window_view(ids, S)[1:]         # [N - S, S]
     pad = -len(windows) % batch_size
