@@ -38,8 +38,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import haiku as hk
+
 import common
 import kernels
+import metrics
+import objectives
+import optimizer as optim
+import reader
+import recipes
+import sampling
+import train_step
 import transformer
 from common import UserError, parse_overrides, run_main
 
@@ -53,7 +62,7 @@ class Config(NamedTuple):
     generate_chars: int = 100_000  # a streaming params file: generate.py's run, end to end
     prefill_lengths: str = "1000,10000,100000,1030979"  # a streaming model: contexts read
                                   # (the last: the corpus's length)
-    prefill_chunk: int = 0        # characters per prefill call (0: generate.PREFILL_CHUNK)
+    prefill_chunk: int = 0        # characters per prefill call (0: reader.PREFILL_CHUNK)
     preset: str = ""              # train.py's preset: its HPARAMS, batch size and optimizer
     optimizer: str = ""           # train.py's --optimizer ("": the preset's, else adamw)
     torch_python: str = ""        # a Python with torch: also run the PyTorch yardstick
@@ -101,19 +110,32 @@ def bench_ceilings(config, hp) -> dict:
     return out
 
 
+def param_count(hp: transformer.HParams, vocab_size: int) -> int:
+    """The model's parameters, by formula (tests check it against the initialized model)."""
+    D, F, V, S = hp.d_model, hp.d_ff, vocab_size, hp.max_seq_len
+    layer_norm = 2 * D
+    attention = layer_norm + 4 * (D * D + D)          # LN, then q, k, v, out projections
+    feed_forward = layer_norm + D * F + F + F * D + D  # LN, then D -> F -> D
+    blocks = reader.attention_blocks(hp)
+    return (V * D + (S * D if hp.positions == "learned" else 0)     # embeddings
+            + len(blocks) * feed_forward                            # one per layer
+            + sum(map(len, blocks.values())) * attention            # self and cross
+            + layer_norm + D * V + V)                               # final LN, unembedding
+
+
 def flops_per_token(hp, vocab_size: int) -> float:
-    embeddings = vocab_size * hp.d_model + hp.max_seq_len * hp.d_model
-    params = transformer.param_count(hp, vocab_size) - embeddings
-    num_attention = sum(map(len, transformer.attention_blocks(hp).values()))
+    """6 * (the parameters but the embedding tables) + 12 * attention blocks * T * D."""
+    embeddings = vocab_size * hp.d_model + (
+        hp.max_seq_len * hp.d_model if hp.positions == "learned" else 0)
+    params = param_count(hp, vocab_size) - embeddings
+    num_attention = sum(map(len, reader.attention_blocks(hp).values()))
     return 6 * params + 12 * num_attention * hp.max_seq_len * hp.d_model
 
 
 def train_config_of(config: Config):
     """train.py's Config for the timed steps: the preset's (train.py's defaults without one),
     with the batch size and --optimizer of this run."""
-    import train
-
-    base = train.PRESETS[config.preset][0] if config.preset else train.CONFIG
+    base = recipes.PRESETS[config.preset][0] if config.preset else recipes.CONFIG
     return base._replace(batch_size=config.batch_size,
                          optimizer=config.optimizer or base.optimizer)
 
@@ -122,7 +144,6 @@ def bench_train(config, hp) -> dict:
     """Per compute dtype: the real jitted train step (dropout on), median seconds per step;
     then the seconds of one evaluation as train.py runs it."""
     import data
-    import train
 
     text = data.read_text(data.CORPUS_FILE)
     vocab = data.build_vocab(text)
@@ -131,12 +152,16 @@ def bench_train(config, hp) -> dict:
     train_config = train_config_of(config)
     flops = flops_per_token(hp, len(vocab))
     out = {"flops_per_token": flops, "train_optimizer": train_config.optimizer}
+    weights = objectives.Weights(train_config.ahead_loss)
     for dtype in config.compute_dtypes.split(","):
-        optimizer = train.make_optimizer(train_config._replace(compute_dtype=dtype))
-        model = transformer.build(hp, len(vocab), dtype)
-        state = train.fresh_start(train_config, hp, vocab, model, optimizer).state
-        step = train.make_train_step(model, optimizer, config.batch_size, hp.max_seq_len,
-                                     ahead_loss=hp.ahead_loss)
+        loss = objectives.loss_fn(hp, len(vocab), weights, kernels.Speed(dtype))
+        dummy = jnp.zeros((1, hp.max_seq_len), jnp.int32)
+        optimizer = optim.make_optimizer(train_config._replace(compute_dtype=dtype),
+                                         optim.hidden_matrices(loss, dummy, dummy))
+        state = train_step.init_state(train_config.prng_seed, hk.transform(loss), optimizer,
+                                      hp.max_seq_len)
+        step = train_step.make_train_step(hk.transform(loss), optimizer, config.batch_size,
+                                          hp.max_seq_len)
 
         def run():
             nonlocal state
@@ -151,10 +176,10 @@ def bench_train(config, hp) -> dict:
                     f"train_{dtype}_gflops": tokens_per_s * flops / 1e9})
     # train.py's evaluation every eval_interval steps (float32: the validation split and as
     # many training windows of the corpus), the median of 3 after a compiling call.
-    evaluate = train.make_evaluate(hp, len(vocab), ids, train_config.eval_batch_size,
-                                   train.make_mesh())
+    evaluate = metrics.make_evaluate(hp, len(vocab), ids, train_config.eval_batch_size)
+    params = objectives.model_params(state.params)
     out["train_eval_s"] = statistics.median(
-        timed(lambda: jax.block_until_ready(evaluate(state.params)), 3))
+        timed(lambda: jax.block_until_ready(evaluate(params)), 3))
     return out
 
 
@@ -174,22 +199,21 @@ def bench_sample(config, hp) -> dict:
     state: cached steps (the window not yet full) for 1 and num_samples streams, and the
     sliding window (re-prefill per character); and of the original's way, a full forward
     pass per character from Python."""
-    import generate
-
     params, hp, vocab_size = _sampling_params(config, hp)
     params = jax.device_put(params)
-    sampling_params = kernels.add_transposed_weights(params)
-    sampler = generate.Sampler(hp, vocab_size)
+    sampling_params = reader.sampling_params(params)
+    sampler = sampling.Sampler(hp, vocab_size)
+    streaming = sampler.reader.streaming
     key, S = jax.random.PRNGKey(0), hp.max_seq_len
     # Cached steps from a 1-character context; a streaming model's are cached past the
     # window too (from a context of max_seq_len >= W characters).
-    size = generate.CHUNK if sampler.streaming else min(generate.CHUNK, S - 1)
+    size = sampling.CHUNK if streaming else min(sampling.CHUNK, S - 1)
     out = {}
     for name, context_len, cached, streams in (
             ("sample_cached_chars_per_s", 1, True, 1),
             ("sample_batch_cached_chars_per_s", 1, True, config.num_samples),
-            ("sample_full_window_chars_per_s", S, sampler.streaming, 1)):
-        state = sampler.start(sampling_params, np.zeros(context_len, np.int32), streams)
+            ("sample_full_window_chars_per_s", S, streaming, 1)):
+        state = sampler.reader.start(sampling_params, np.zeros(context_len, np.int32), streams)
         run = lambda: sampler.sample_chunk(  # each chunk after its noise (stream overlaps them)
             sampling_params, state, sampler.draw_noise(key, np.int32(0), size, streams),
             cached=cached)[1].block_until_ready()
@@ -200,7 +224,7 @@ def bench_sample(config, hp) -> dict:
     def full_forward():
         for i in range(size):
             logits = apply(params, None, window, False)[:, -1]
-            generate.sample_logits(jax.random.fold_in(key, i), logits, 1.0, None)
+            sampling.sample_logits(jax.random.fold_in(key, i), logits, 1.0, None)
         logits.block_until_ready()
 
     out["sample_full_forward_chars_per_s"] = size / statistics.median(timed(full_forward, 3))
@@ -221,26 +245,24 @@ def prefill_lengths(config) -> list[int]:
 
 
 def bench_prefill(config, hp) -> dict:
-    """A streaming model reading a context (Sampler.start, one stream) of each of
+    """A streaming model reading a context (reader.Reader.start, one stream) of each of
     prefill_lengths characters, shortest first, in one process: context characters/s (of
-    which it reads the last transformer.reach, prefill_reach), and the peak resident memory
-    so far after each, which stays flat if memory does not grow with the context's length.
-    The ids are seeded random: the cost does not depend on them."""
-    import generate
-
+    which it reads the last reader.receptive_field, prefill_reach), and the peak resident
+    memory so far after each, which stays flat if memory does not grow with the context's
+    length. The ids are seeded random: the cost does not depend on them."""
     params, hp, vocab_size = _sampling_params(config, hp)
-    if not transformer.streams(hp):
+    if not transformer.is_streaming(hp):
         return {}
-    params = kernels.add_transposed_weights(jax.device_put(params))
-    sampler = generate.Sampler(hp, vocab_size,
-                               prefill_chunk=config.prefill_chunk or generate.PREFILL_CHUNK)
+    params = reader.sampling_params(params)
+    text_reader = reader.Reader(hp, vocab_size, config.prefill_chunk or reader.PREFILL_CHUNK)
     lengths = prefill_lengths(config)
     ids = np.random.default_rng(0).integers(0, vocab_size, max(lengths), dtype=np.int32)
-    sampler.start(params, ids[:1], 1).logits.block_until_ready()  # compile
-    out = {"prefill_chunk": sampler.prefill_chunk, "prefill_reach": transformer.reach(hp)}
+    text_reader.start(params, ids[:1], 1).logits.block_until_ready()  # compile
+    out = {"prefill_chunk": text_reader.prefill_chunk,
+           "prefill_reach": reader.receptive_field(hp)}
     for n in lengths:
         start = time.perf_counter()
-        sampler.start(params, ids[:n], 1).logits.block_until_ready()
+        text_reader.start(params, ids[:n], 1).logits.block_until_ready()
         out[f"prefill_{n}_chars_per_s"] = n / (time.perf_counter() - start)
         out[f"prefill_{n}_peak_rss_mb"] = (
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -251,7 +273,7 @@ def bench_generate(config, hp) -> dict:
     """A streaming model's `generate.py --num_chars=N` end to end (start-up, compiling and
     printing included), for N = generate_chars / 5 and generate_chars: chars/s and peak
     resident memory, whose two values show whether it stays flat. Needs --params."""
-    if not (config.params and transformer.streams(hp)):
+    if not (config.params and transformer.is_streaming(hp)):
         return {}
     out = {}
     for run, num_chars in (("short", config.generate_chars // 5), ("long", config.generate_chars)):
@@ -308,9 +330,9 @@ def run_section(name: str, argv) -> dict:
 PEAK_NAMES = {"float32": "f32", "bfloat16": "bf16"}
 
 
-def main(argv) -> int:
-    import train
-
+def resolve(argv) -> tuple[Config, transformer.HParams]:
+    """This run's Config and the model's HPARAMS (from --params or --preset, options still
+    winning), checked: UserError names the first bad value."""
     config, hp = parse_overrides(argv, CONFIG, transformer.HPARAMS)
     if config.params and config.preset:
         raise UserError("--params and --preset both set the model: give one of them.")
@@ -319,10 +341,10 @@ def main(argv) -> int:
 
         config, hp = parse_overrides(argv, CONFIG, checkpoint.load(config.params).hparams)
     if config.preset:  # the preset's HPARAMS and batch size; options still win
-        if config.preset not in train.PRESETS:
+        if config.preset not in recipes.PRESETS:
             raise UserError(f"--preset={config.preset}: unknown preset. Valid presets: "
-                            f"{', '.join(train.PRESETS)}.")
-        preset_config, preset_hp = train.PRESETS[config.preset]
+                            f"{', '.join(recipes.PRESETS)}.")
+        preset_config, preset_hp = recipes.PRESETS[config.preset]
         config, hp = parse_overrides(
             argv, CONFIG._replace(batch_size=preset_config.batch_size), preset_hp)
     try:
@@ -348,6 +370,11 @@ def main(argv) -> int:
     if bad:
         raise UserError(f"--compute_dtypes={config.compute_dtypes!r}: a comma-separated list "
                         f"of {', '.join(PEAK_NAMES)}.")
+    return config, hp
+
+
+def main(argv) -> int:
+    config, hp = resolve(argv)
     if config.section:
         out = SECTIONS[config.section](config, hp)
         out[f"{config.section}_peak_rss_mb"] = (
@@ -364,7 +391,7 @@ def main(argv) -> int:
         results[f"train_{dtype}_mfu"] = (results[f"train_{dtype}_gflops"]
                                          / results[f"peak_{PEAK_NAMES[dtype]}_gflops"])
     # The headline figures: the precision train.py's default ("auto") picks here, if timed.
-    chosen, why = kernels.choose_compute_dtype(train.CONFIG.compute_dtype)
+    chosen, why = kernels.choose_compute_dtype(recipes.CONFIG.compute_dtype)
     best = chosen if chosen in dtypes else dtypes[0]
     for key in ("step_s", "tokens_per_s", "gflops", "mfu"):
         results[f"train_{key}"] = results[f"train_{best}_{key}"]
@@ -417,7 +444,7 @@ def print_table(r: dict, hp, config) -> None:
                                      "bandwidth bound)"),
         (f"sample, cached, {config.num_samples} streams",
          f"{r['sample_batch_cached_chars_per_s']:.0f} chars/s in all"),
-        ("sample, past the window (cached)" if transformer.streams(hp) else
+        ("sample, past the window (cached)" if transformer.is_streaming(hp) else
          "sample, window full (re-prefill)",
          f"{r['sample_full_window_chars_per_s']:.0f} chars/s ({100 * past_share:.0f}% of cached)"),
         ("sample, full forward per char", f"{r['sample_full_forward_chars_per_s']:.0f} chars/s"),
@@ -443,4 +470,4 @@ def print_table(r: dict, hp, config) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, __doc__, [CONFIG, transformer.HPARAMS], recipes.PRESETS)

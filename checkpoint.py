@@ -16,10 +16,21 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+import data
 import transformer
 from common import UserError, atomic_write
 
 FORMAT = "nanogpt-haiku/1"
+# The shipped params, by the preset that trained them: each run's best validation params,
+# without optimizer state. Cervantes' are every script's default.
+SHIPPED_PARAMS = {"cpu": "params/params.786a84eefdb443bf9e98d68b.pkl.min_val.pkl",
+                  "shakespeare": "params/params.04320fa1ba314b95aeefe005.pkl.min_val.pkl"}
+DEFAULT_PARAMS = SHIPPED_PARAMS["cpu"]
+# Files written before the after-next head became an objective of its own (objectives.py)
+# hold it in the model, as "transformer/unembed_ahead", and its weight as HParams.ahead_loss:
+# load() drops the head (evaluation and sampling never read it) and moves the weight to the
+# run's config. Their training state resumes at the commit before that change.
+LEGACY_HEAD, LEGACY_COMMIT = "transformer/unembed_ahead", "f551d7f"
 
 # The only globals a params file may name: how numpy pickles arrays and dtypes
 # (numpy >= 2 writes numpy._core, numpy 1.x wrote numpy.core; protocol 5 uses _frombuffer).
@@ -105,7 +116,21 @@ def _check_params(tree: Any, where: str, path: str) -> None:
 
 
 def load(path: str) -> Checkpoint:
-    """Reads a params file written by `save`, refusing any pickle that names another global."""
+    """Reads a params file written by `save`, refusing any pickle that names another global;
+    a missing shipped file gets a pointer to training."""
+    try:
+        return _load(path)
+    except CheckpointError:
+        if path in SHIPPED_PARAMS.values():
+            raise CheckpointError(
+                f"the shipped params file {path!r} is missing or unreadable (an "
+                "incomplete checkout?). Restore it with `git checkout -- params`, or train a "
+                "model (`python train.py --preset=cpu`) and pass its file: "
+                "--params=params/params.<run hash>.pkl.min_val.pkl") from None
+        raise
+
+
+def _load(path: str) -> Checkpoint:
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -124,6 +149,7 @@ def load(path: str) -> Checkpoint:
         raise CheckpointError(f"{path!r} is not a nanogpt-haiku params file (format "
                               f"{FORMAT!r} expected).")
     try:
+        _convert_legacy(payload)
         hparams = transformer.validate(transformer.HParams(**payload["hparams"]))
         params, vocab, meta = payload["params"], payload["vocab"], payload["meta"]
         opt_state, rng = payload["opt_state"], payload["rng"]
@@ -133,6 +159,23 @@ def load(path: str) -> Checkpoint:
         raise CheckpointError(f"{path!r} is not a valid params file (bad vocab or meta).")
     _check_params(params, "params", path)
     return Checkpoint(params, hparams, vocab, meta, opt_state, rng)
+
+
+def _convert_legacy(payload: dict) -> None:
+    """A file from before commit LEGACY_COMMIT's successor, in today's form (LEGACY_HEAD)."""
+    ahead_loss = payload["hparams"].pop("ahead_loss", 0.0)
+    if ahead_loss and isinstance(payload["meta"], dict):
+        config = payload["meta"].setdefault("config", {})
+        config.setdefault("ahead_loss", ahead_loss)
+    if isinstance(payload["params"], dict) and LEGACY_HEAD in payload["params"]:
+        del payload["params"][LEGACY_HEAD]
+        if payload["opt_state"] is not None:
+            payload["meta"]["resumes_at_commit"] = LEGACY_COMMIT
+
+
+def training_text(ckpt: Checkpoint) -> str:
+    """The text file the params were trained on (as its run named it), else the corpus."""
+    return ckpt.meta.get("config", {}).get("source_file") or data.CORPUS_FILE
 
 
 def num_params(params) -> int:

@@ -1,5 +1,7 @@
-"""What the scripts share: user errors, `--name=value` overrides, atomic file writes, Ctrl-C."""
+"""What the scripts share: user errors, `--name=value` overrides and `--help`, atomic file
+writes, Ctrl-C."""
 
+import inspect
 import os
 import secrets
 import signal
@@ -13,8 +15,13 @@ class UserError(Exception):
     """Bad input from the user (config, files, text): scripts print it and exit 2."""
 
 
-def run_main(main: Callable[[Sequence[str]], Any]) -> None:
-    """Runs `main(argv)`; a UserError becomes a one-paragraph message and exit status 2."""
+def run_main(main: Callable[[Sequence[str]], Any], doc: str = "",
+             configs: Sequence[NamedTuple] = (), presets: dict | None = None) -> None:
+    """Runs `main(argv)`; a UserError becomes a one-paragraph message and exit status 2.
+    `--help` or `-h` prints help_text(doc, configs, presets) and exits 0."""
+    if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
+        print(help_text(doc, configs, presets))
+        sys.exit(0)
     try:
         status = main(sys.argv[1:])
     except UserError as e:
@@ -61,6 +68,48 @@ def parse_overrides(argv: Sequence[str], *defaults: NamedTuple) -> tuple[NamedTu
         hint = typing.get_type_hints(type(owner))[name]
         changes[id(owner)][name] = _parse_value(name, text, hint)
     return tuple(d._replace(**changes[id(d)]) for d in defaults)
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """{field: the comment beside it in the class's source, continuation lines joined}."""
+    comments, field = {}, None
+    for line in inspect.getsource(cls).splitlines():
+        code, _, comment = line.partition("#")
+        name = code.strip().split(":")[0] if ":" in code else ""
+        if name.isidentifier() and name in cls._fields:
+            field = name
+            comments[field] = comment.strip()
+        elif field and not code.strip() and comment:
+            comments[field] += " " + comment.strip()
+        elif code.strip():
+            field = None
+    return comments
+
+
+def help_text(doc: str, configs: Sequence[NamedTuple], presets: dict | None = None) -> str:
+    """What `--help` prints: the script's docstring, then every --name=value it takes with
+    its type, default and the comment beside the field, then the named presets (None: the
+    automatic choice)."""
+    lines = [inspect.cleandoc(doc)] + (["", "Options (--name=value):"] if configs else [])
+    for config in configs:
+        comments = field_comments(type(config))
+        hints = typing.get_type_hints(type(config))
+        for name, default in config._asdict().items():
+            hint = getattr(hints[name], "__name__", None) or str(hints[name])
+            lines.append(f"  --{name}={default!r}  ({hint})  {comments.get(name, '')}".rstrip())
+    if presets:
+        lines += ["", "Presets (--preset=NAME):"]
+        automatic = "the recipe for the machine JAX runs on (cpu on a CPU, gpu on a GPU)"
+        lines += [f"  {name}: {describe(*recipe) if recipe else automatic}"
+                  for name, recipe in presets.items()]
+    return "\n".join(lines)
+
+
+def describe(config: NamedTuple, hparams: NamedTuple) -> str:
+    """A preset in a line: its model's shape, steps and optimizer."""
+    return (f"{hparams.decoder_N} x {hparams.d_model} model, {hparams.positions} positions, "
+            f"{config.max_iters} steps of {config.batch_size} x {hparams.max_seq_len} "
+            f"characters, {config.optimizer}, on {config.source_file}")
 
 
 def format_config(config: NamedTuple) -> str:

@@ -3,7 +3,8 @@
 Any UTF-8 text file trains (read_text). Two known texts are fetched with their SHA-256
 checked: `python data.py` (what `make data` runs) puts the Cervantes corpus at CORPUS_FILE,
 `python data.py tinyshakespeare` (`make shakespeare`) puts Tiny Shakespeare at its file; each
-copies the file that its environment variable names, else downloads its pinned URL.
+copies the file that its environment variable names (NOVELAS_EJEMPLARES, TINYSHAKESPEARE),
+else downloads its pinned URL.
 """
 
 import hashlib
@@ -272,4 +273,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, __doc__)

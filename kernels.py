@@ -1,14 +1,18 @@
 """How the model's arithmetic runs fast on XLA (mostly XLA:CPU): none of it changes the math.
 
 transformer.py calls these in place of the plain JAX operations; each piece says why it is
-here, with the measurement behind it (docs/benchmarks.md for the whole-model figures):
+here, with the measurement behind it (docs/benchmarks.md for the whole-model figures). What a
+caller chooses is one value, Speed, given to transformer.build (which enters `running(speed)`
+around the model): the compute dtype, the one channel of precision, and the weight layout.
 
+  Speed, running    the choices, and the jmp policies that carry the compute dtype to every
+                    Linear (Logits: float32 outputs whatever the compute dtype).
   matmul, einsum    bfloat16 operands with float32 accumulation, and gradient rules that
                     keep the backward matmuls in bfloat16 (JAX's own rules ran them at
                     float32 speed).
-  Linear            hk.Linear by `matmul`; for single rows (sampling one stream), the
+  Linear, Logits    hk.Linear by `matmul`; for single rows (sampling one stream), the
                     transposed copy "w_t" of add_transposed_weights, which XLA:CPU streams
-                    faster, when the model passes read_w_t (the cached model does).
+                    faster, where Speed.transposed_weights (the cached model's) says so.
   fused_attention   jax.nn.dot_product_attention, XLA's fused softmax(q k) v, where no
                     attention weight is dropped.
   in_bands          windowed attention over a long sequence in W-blocks, each over its
@@ -19,12 +23,46 @@ here, with the measurement behind it (docs/benchmarks.md for the whole-model fig
 and which precision to train in: choose_compute_dtype.
 """
 
+import contextlib
+import contextvars
 import functools
+from typing import NamedTuple
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
+import jmp
 import numpy as np
+
+
+class Speed(NamedTuple):
+    """How the model's arithmetic runs (transformer.build's argument): what it computes is the
+    same either way, up to the rounding of the compute dtype."""
+    compute_dtype: str = "float32"    # "bfloat16": the Linears' operands and outputs, and so
+                                      # attention's matmuls (float32 params, accumulation,
+                                      # logits, LayerNorm, softmax and residual stream)
+    transposed_weights: bool = False  # single rows read the "w_t" copies of
+                                      # add_transposed_weights (the cached model's)
+
+
+_SPEED = contextvars.ContextVar("speed", default=Speed())
+
+
+@contextlib.contextmanager
+def running(speed: Speed):
+    """Within it, Linear and Logits compute as `speed` says: Haiku's mixed precision casts
+    their inputs and parameters to the compute dtype (as PyTorch's autocast), and Linear's
+    outputs stay in it for the next matmul; Logits' outputs are float32 (a bfloat16 logit
+    near 8 is off by up to 1/32). transformer.build enters it around the model."""
+    dtype = speed.compute_dtype
+    policy = jmp.get_policy(f"params=float32,compute={dtype},output={dtype}")
+    token = _SPEED.set(speed)
+    try:
+        with (hk.mixed_precision.push_policy(Linear, policy),
+              hk.mixed_precision.push_policy(Logits, policy.with_output_dtype(jnp.float32))):
+            yield
+    finally:
+        _SPEED.reset(token)
 
 # ---------------------------------------------------------------------------------------------
 # The training precision
@@ -165,11 +203,10 @@ _low_precision_einsum.defvjp(_low_precision_einsum_fwd, _low_precision_einsum_bw
 class Linear(hk.Linear):
     """hk.Linear (same parameters and initializers, always a bias) computed by `matmul`.
 
-    Under a jmp policy (see transformer.build's `compute_dtype`) Haiku casts the input and
-    parameters to the compute dtype before this call and the output to the policy's output
-    dtype after it.
+    Under `running`'s policy Haiku casts the input and parameters to the compute dtype before
+    this call and the output to the policy's output dtype after it.
 
-    With read_w_t, a single row x [1, I] with I > O is multiplied by the weight's transposed
+    With Speed.transposed_weights, a single row x [1, I] with I > O is multiplied by the weight's transposed
     copy "w_t" [O, I] (see add_transposed_weights). XLA:CPU computes x @ w by streaming w's
     rows, and long rows stream faster: ff_out's w_t has 1536-float rows where w has 384-float
     ones (22-28 against 15-16 GB/s; one-stream sampling took 11-13% less time per character).
@@ -177,14 +214,13 @@ class Linear(hk.Linear):
     steps/s), so those read w.
     """
 
-    def __init__(self, output_size: int, name: str, read_w_t: bool = False):
+    def __init__(self, output_size: int, name: str):
         super().__init__(output_size, name=name)
-        self.read_w_t = read_w_t
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
         *batch, self.input_size = inputs.shape
         x = inputs.reshape(-1, self.input_size)                          # [M, I]
-        if (self.read_w_t and x.shape[0] == 1
+        if (_SPEED.get().transposed_weights and x.shape[0] == 1
                 and _has_w_t(self.input_size, self.output_size)):
             w_t = hk.get_parameter("w_t", [self.output_size, self.input_size], inputs.dtype,
                                    init=_missing_w_t)
@@ -197,6 +233,10 @@ class Linear(hk.Linear):
         b = hk.get_parameter("b", [self.output_size], inputs.dtype,
                              init=self.b_init or jnp.zeros)
         return (out + b).reshape(*batch, self.output_size)
+
+
+class Logits(Linear):
+    """The Linear that makes logits: under `running`'s policy its output is float32."""
 
 
 def _has_w_t(input_size: int, output_size: int) -> bool:
@@ -212,7 +252,7 @@ def _missing_w_t(shape, dtype):
 
 def add_transposed_weights(params: hk.Params) -> hk.Params:
     """params plus, for each Linear weight w [I, O] with I > O, its transpose "w_t" [O, I]:
-    what a single row of a Linear with read_w_t reads. Other models ignore them."""
+    what a single row of a Linear reads under Speed.transposed_weights. Other models ignore them."""
     return {name: {**p, "w_t": jnp.transpose(p["w"])}
             if "w" in p and _has_w_t(*p["w"].shape) else p
             for name, p in params.items()}
@@ -223,9 +263,10 @@ def add_transposed_weights(params: hk.Params) -> hk.Params:
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """softmax(q k / sqrt(K), where mask) v by XLA's fused kernel: q [B, T, H, K], keys
-    k [B, H, K, S], values v [B, H, S, K], mask [T, S] -> [B, T, H, K]. It keeps no attention
-    weights to drop, so it serves evaluation, sampling and training without dropout."""
+    """softmax(q k / sqrt(K), where mask) v by XLA's fused kernel, its matmuls' operands in
+    q's dtype: q [B, T, H, K], keys k [B, H, K, S], values v [B, H, S, K], mask [T, S] ->
+    [B, T, H, K]. It keeps no attention weights to drop, so it serves evaluation, sampling
+    and training without dropout."""
     k, v = k.transpose(0, 3, 1, 2), v.transpose(0, 2, 1, 3)             # [B, S, H, K]
     return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
                                         mask=mask[None, None])

@@ -2,7 +2,7 @@
 
 The data's path: the model's attention blocks project each new position to keys and values
 and hand them to their cache (`update`); the cache stores them and returns the blocks of keys
-and values that the new queries attend over (transformer.attend). generate.Sampler owns the
+and values that the new queries attend over (transformer.attend). reader.Reader owns the
 caches: it makes them (init_cache: {layer: {block: cache}}, one per attention block), passes
 them through the model, for a chunk of one-position steps swaps each for a ChunkCache
 (start_chunk ... end_chunk), and reads a streaming model's context through them in chunks of

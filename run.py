@@ -1,6 +1,7 @@
 """A training run's record: its Aim run and hash, its two params files, its history, its log
-line and its loss plot. train.py's loop hands it what happened (an evaluation's losses, the
-state to save); nothing here trains. Only the main process (process 0) writes or tracks.
+lines, its speed and its loss plot. train.py's loop hands it what happened (an evaluation's
+losses, the state to save); nothing here trains. Only the main process (process 0) writes or
+tracks.
 """
 
 import importlib.metadata
@@ -15,6 +16,7 @@ import time
 import uuid
 
 import numpy as np
+from tqdm import tqdm
 
 import checkpoint
 from common import atomic_write
@@ -193,3 +195,53 @@ def plot_losses(history: dict, path: str, title: str) -> None:
 
 def plot_path(params_dir: str, run_hash: str) -> str:
     return os.path.join(params_dir, f"train_validation_loss.{run_hash}.png")
+
+
+class NonFiniteLoss(Exception):
+    """A loss that is NaN or infinite: training stops, the last good params files kept."""
+
+
+class Speed:
+    """Training tokens per second since the last evaluation (which it does not count)."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.steps, self.tokens_per_s = time.time(), 0, 0.0
+
+    def measure(self) -> float:
+        self.tokens_per_s = self.steps * self.tokens_per_step / (time.time() - self.start)
+        return self.tokens_per_s
+
+
+def log_progress(run: Run, bar: tqdm, step: int, metrics: dict, tokens_per_s: float,
+                 rates: dict) -> None:
+    """Every log_interval steps: the training loss (a host sync), checked; the bar; Aim."""
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(
+            f"the training loss is {loss} at step {step}: training stopped. The last good "
+            f"params files are kept ({run.latest_path}); try a lower --learning_rate.")
+    bar.set_postfix(loss=f"{loss:.3f}", val=f"{run.meta['val_loss'] or math.nan:.3f}",
+                    tok_s=f"{tokens_per_s:.0f}")
+    run.tracker.track(step, batch_loss=loss, grad_norm=metrics["grad_norm"],
+                      tokens_per_s=tokens_per_s,
+                      **{name: rate(step - 1) for name, rate in rates.items()})
+
+
+def log_evaluation(run: Run, bar: tqdm, step: int, losses, tokens_per_s: float, rates: dict,
+                   sample=None) -> None:
+    """One grep-able line per evaluation (also through pipes); both losses and a text
+    sample (`sample()`) to Aim."""
+    train_loss, val_loss = losses
+    if run.is_main:
+        bar.write(f"step {step} | train {train_loss:.4f} | val {val_loss:.4f} | "
+                  f"{tokens_per_s:.0f} tok/s | " + " | ".join(
+                      f"{name} {rate(step - 1):.2e}" for name, rate in rates.items()))
+        sys.stdout.flush()
+    for subset, loss in (("train", train_loss), ("val", val_loss)):
+        run.tracker.track(step, {"subset": subset}, loss=loss, bpc=loss / math.log(2))
+    if sample is not None:
+        run.tracker.track_text(step, "sample", sample())

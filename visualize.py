@@ -34,7 +34,8 @@ import PIL.Image
 
 import checkpoint
 import data
-import eval as evaluation
+import metrics
+import reader
 import transformer
 from common import UserError, atomic_write, parse_overrides, run_main
 
@@ -43,7 +44,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 class Config(NamedTuple):
-    params: str = evaluation.DEFAULT_PARAMS  # params file to look into
+    params: str = checkpoint.DEFAULT_PARAMS  # params file to look into
     text_file: str | None = None      # text to show (UTF-8); None: the start of the
                                       # validation split of the text the model was trained on
     context: str | None = None        # the text inline, instead of text_file
@@ -83,30 +84,10 @@ class Predictions(NamedTuple):
     top_probs: np.ndarray  # [N, TOP] float: their probabilities
 
 
-def next_logits(ckpt: checkpoint.Checkpoint, ids: np.ndarray, batch_size: int = 64):
-    """[N, V]: row i the logits of the character after ids[i], given what the sampler would
-    give the model: a streaming model every character before (as val_loss_stream, in chunks);
-    another model the last max_seq_len characters (one pass over the first max_seq_len, then
-    one window per character, the last position's logits)."""
-    hp = ckpt.hparams
-    model = transformer.build(hp, len(ckpt.vocab))
-    S = hp.max_seq_len
-    if transformer.streams(hp) or len(ids) <= S:
-        return evaluation.chunked_logits(model, ckpt.params, hp, ids)
-    head = evaluation.chunked_logits(model, ckpt.params, hp, ids[:S])        # [S, V]
-    params = jax.device_put(ckpt.params)
-    windows = np.lib.stride_tricks.sliding_window_view(ids, S)[1:]         # [N - S, S]
-    pad = -len(windows) % batch_size
-    batches = np.concatenate([windows, np.zeros((pad, S), windows.dtype)]).reshape(
-        -1, batch_size, S)
-    last = jax.jit(lambda p, xs: jax.lax.map(
-        lambda x: model.apply(p, None, x, False, last_only=True)[:, 0], xs))
-    tail = np.asarray(last(params, jnp.asarray(batches))).reshape(-1, len(ckpt.vocab))
-    return np.concatenate([head, tail[: len(windows)]])
-
-
 def predictions(ckpt: checkpoint.Checkpoint, ids: np.ndarray) -> Predictions:
-    logits = next_logits(ckpt, ids)                                         # [N, V]
+    """Each character's loss given what its sampler would show the model (reader.py), and
+    the likeliest characters to follow it."""
+    logits = reader.next_logits(ckpt.hparams, len(ckpt.vocab), ckpt.params, ids)
     log_probs = jax.nn.log_softmax(jnp.asarray(logits))
     loss = -np.take_along_axis(np.asarray(log_probs[:-1]), ids[1:, None], axis=1)[:, 0]
     top_log_probs, top_ids = jax.lax.top_k(log_probs, TOP)
@@ -118,12 +99,12 @@ def window_losses(ckpt: checkpoint.Checkpoint, ids: np.ndarray,
                   batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """(nats [NW, T], weights [NW, T]) of eval.py's non-overlapping windows over ids: each
     position's loss, the first character of each window predicted from one character."""
-    seq_len = evaluation.window_len(ckpt.hparams)
+    seq_len = metrics.window_len(ckpt.hparams)
     windows = data.eval_windows(ids, seq_len)
     model = transformer.build(ckpt.hparams, len(ckpt.vocab))
 
     nll = jax.jit(lambda params, batches: jax.lax.map(          # [NB, B, T]
-        lambda b: evaluation.position_losses(model, params, b), batches))
+        lambda b: metrics.position_losses(model, params, b), batches))
     batches = data.batch_windows(windows, batch_size)
     losses = np.asarray(nll(jax.device_put(ckpt.params), batches)).reshape(-1, seq_len)
     return losses[: len(windows.inputs)], windows.weights
@@ -137,8 +118,9 @@ def attention_maps(ckpt: checkpoint.Checkpoint, ids: np.ndarray,
     see attention_span). Each row sums to one and is zero where the query does not see the
     key."""
     hp = ckpt.hparams
-    first = span[0] if transformer.streams(hp) else 0
-    ids = ids[: span[1]] if transformer.streams(hp) else ids[span[0]:span[1]]
+    streaming = transformer.is_streaming(hp)
+    first = span[0] if streaming else 0
+    ids = ids[: span[1]] if streaming else ids[span[0]:span[1]]
 
     def forward(tokens):
         scored = {}
@@ -151,9 +133,9 @@ def attention_maps(ckpt: checkpoint.Checkpoint, ids: np.ndarray,
 
         with hk.intercept_methods(read_projections):
             transformer.Transformer(hp, len(ckpt.vocab))(tokens, False)
-        return {name: transformer.attention_weights(q[:, first:], positions[first:], (keys,),
-                                                    hp.attention_window)[0]
-                for name, (q, positions, keys) in scored.items()}
+        return {name: transformer.attention_weights(q[:, first:], keys.positions[first:],
+                                                    (keys,), hp.attention_window)[0]
+                for name, (q, keys) in scored.items()}
 
     maps = jax.jit(hk.transform(forward).apply)(ckpt.params, None, jnp.asarray(ids)[None])
     return {name.removeprefix("transformer/"): np.asarray(w) for name, w in maps.items()}
@@ -164,7 +146,7 @@ def attention_span(hp: transformer.HParams, num_chars: int, config: Config) -> t
     the text and, for a model that is not streaming, within one max_seq_len window."""
     start = min(config.attention_start, num_chars - 1)
     length = config.attention_chars
-    if not transformer.streams(hp):
+    if not transformer.is_streaming(hp):
         length = min(length, hp.max_seq_len)
     return start, min(num_chars, start + length)
 
@@ -358,7 +340,7 @@ def read_shown_text(ckpt: checkpoint.Checkpoint, config: Config) -> str:
     elif config.text_file is not None:
         text = data.read_text(config.text_file)
     else:
-        path = evaluation.source_file(ckpt, evaluation.Config())
+        path = checkpoint.training_text(ckpt)
         if not os.path.exists(path):
             print(f"# {path} is missing (`make data` fetches the corpus): showing "
                   "eval_context.txt instead", file=sys.stderr)
@@ -388,7 +370,7 @@ def visualize(config: Config) -> dict:
     """Writes the page, the PNG and (with config.json) the per-character data; returns the
     summary statistics."""
     check_config(config)
-    ckpt = evaluation.load_params(config.params)
+    ckpt = checkpoint.load(config.params)
     text = read_shown_text(ckpt, config)
     try:
         ids = data.encode(text, ckpt.vocab)
@@ -423,4 +405,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, __doc__, [CONFIG])

@@ -71,3 +71,26 @@ def within(timeout: float, read, *args):
     if reader.is_alive():
         pytest.fail(f"{getattr(read, '__qualname__', read)} read nothing within {timeout} s")
     return result[0]
+
+
+def tiny_loss(hp=TINY, vocab_size: int = 88, ahead_loss: float = 0.0,
+              compute_dtype: str = "float32"):
+    """objectives.loss_fn of a tiny model: the function train.py transforms and steps."""
+    import kernels
+    import objectives
+
+    return objectives.loss_fn(hp, vocab_size, objectives.Weights(ahead_loss),
+                              kernels.Speed(compute_dtype))
+
+
+def make_optimizer(config, loss=None, hidden=None):
+    """optimizer.make_optimizer for `loss`'s params (tiny_loss() by default), or for the
+    given {module: {name: is a hidden matrix}}."""
+    import jax.numpy as jnp
+
+    import optimizer
+
+    if hidden is None:
+        dummy = jnp.zeros((1, 4), jnp.int32)
+        hidden = optimizer.hidden_matrices(loss or tiny_loss(), dummy, dummy)
+    return optimizer.make_optimizer(config, hidden)

@@ -380,3 +380,35 @@ ARRAY_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"),
                  ("numpy.core.multiarray", "_reconstruct"),
                  ("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"),
                  ("ml_dtypes", "bfloat16")}
+
+
+def test_files_from_before_the_after_next_objective_load_in_todays_form(tmp_path):
+    """A file written before the after-next head left the model (its weight in HParams, its
+    params "transformer/unembed_ahead"): load() drops the head and moves the weight to the
+    run's config; its training state is refused by --resume, naming the commit that resumes
+    it (exit 2); the params sample as before."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__)))
+    from conftest import TINY, run_script
+
+    model = transformer.build(TINY, 7)
+    params = jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(0),
+                                                 jnp.zeros((1, 4), jnp.int32), False))
+    head = {"w": np.ones((TINY.d_model, 7), np.float32), "b": np.zeros(7, np.float32)}
+    old = {"format": checkpoint.FORMAT, "params": {**params, checkpoint.LEGACY_HEAD: head},
+           "hparams": {**TINY._asdict(), "ahead_loss": 0.3}, "vocab": "abcdefg",
+           "meta": {"step": 5, "config": {"max_iters": 10}}, "opt_state": [np.zeros(3)],
+           "rng": np.zeros(2, np.uint32)}
+    path = str(tmp_path / "params.old.pkl")
+    with open(path, "wb") as f:
+        pickle.dump(old, f, protocol=4)
+    ckpt = checkpoint.load(path)
+    assert set(ckpt.params) == set(params) and ckpt.hparams == TINY
+    assert ckpt.meta["config"]["ahead_loss"] == 0.3
+    tokens = jnp.asarray([[0, 1, 2, 3]])
+    np.testing.assert_array_equal(model.apply(ckpt.params, None, tokens, False),
+                                  model.apply(params, None, tokens, False))
+    result = run_script("train.py", f"--resume={path}", "--aim=False", timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert checkpoint.LEGACY_COMMIT in result.stderr and "Traceback" not in result.stderr

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+import bench
 import checkpoint
 import data
 import transformer
@@ -62,7 +63,7 @@ def test_eval_metrics_match_an_independent_computation(tiny_run):
     assert float(metrics["val_loss"]) == pytest.approx(expected, abs=2e-4)
     assert float(metrics["val_bpc"]) == pytest.approx(expected / math.log(2), abs=2e-4)
     assert int(metrics["val_chars"]) == len(val_ids) - 1
-    assert int(metrics["params"]) == transformer.param_count(ckpt.hparams, len(ckpt.vocab))
+    assert int(metrics["params"]) == bench.param_count(ckpt.hparams, len(ckpt.vocab))
     assert int(metrics["step"]) == ckpt.meta["step"]
     assert float(metrics["val_loss"]) == pytest.approx(ckpt.meta["min_val_loss"], abs=1e-4)
     assert 0 < float(metrics["train_loss"]) < math.log(len(ckpt.vocab))

@@ -10,6 +10,8 @@ import pytest
 import checkpoint
 import generate
 import transformer
+import reader
+import sampling
 from conftest import TINY, run_script, within
 
 VOCAB_SIZE = 12
@@ -25,7 +27,7 @@ def reference_sample(params, hp, context_ids, key, num_chars, temperature=1.0, t
     for i in range(num_chars):
         window = jnp.asarray(ids[:, -hp.max_seq_len:])                        # [B, <= S]
         logits = apply(params, None, window, False)[:, -1]                    # [B, V]
-        token = generate.sample_logits(jax.random.fold_in(key, i), logits, temperature, top_k,
+        token = sampling.sample_logits(jax.random.fold_in(key, i), logits, temperature, top_k,
                                        top_p, min_p)
         ids = np.concatenate([ids, np.asarray(token)[:, None]], axis=1)
     return ids[:, len(context_ids):]
@@ -44,7 +46,7 @@ def test_cached_sampler_equals_windowed_reference_past_the_window(use_encoder):
     context = np.array([3, 1, 4, 1, 5], np.int32)
     num_chars = 2 * hp.max_seq_len + 5  # fills the window, then slides over it twice
     key = jax.random.PRNGKey(7)
-    cached = generate.Sampler(hp, VOCAB_SIZE).sample(params, context, key, num_chars)
+    cached = sampling.Sampler(hp, VOCAB_SIZE).sample(params, context, key, num_chars)
     assert cached.shape == (1, num_chars)
     np.testing.assert_array_equal(cached, reference_sample(params, hp, context, key,
                                                            num_chars))
@@ -52,7 +54,7 @@ def test_cached_sampler_equals_windowed_reference_past_the_window(use_encoder):
 
 def test_long_context_keeps_its_last_max_seq_len_characters():
     params = init_params(TINY)
-    sampler = generate.Sampler(TINY, VOCAB_SIZE)
+    sampler = sampling.Sampler(TINY, VOCAB_SIZE)
     long_context = np.arange(3 * TINY.max_seq_len, dtype=np.int32) % VOCAB_SIZE
     key = jax.random.PRNGKey(0)
     np.testing.assert_array_equal(
@@ -64,7 +66,7 @@ def test_long_context_keeps_its_last_max_seq_len_characters():
 
 def test_same_seed_same_text_other_seed_other_text():
     params = init_params(TINY)
-    sampler = generate.Sampler(TINY, VOCAB_SIZE)
+    sampler = sampling.Sampler(TINY, VOCAB_SIZE)
     context = np.array([1, 2], np.int32)
     a = sampler.sample(params, context, jax.random.PRNGKey(1), 60)
     b = sampler.sample(params, context, jax.random.PRNGKey(1), 60)
@@ -76,7 +78,7 @@ def test_same_seed_same_text_other_seed_other_text():
 def test_top_k_1_is_greedy_and_top_k_restricts_choices():
     params = init_params(TINY)
     context = np.array([1, 2, 3], np.int32)
-    greedy = generate.Sampler(TINY, VOCAB_SIZE, top_k=1).sample(
+    greedy = sampling.Sampler(TINY, VOCAB_SIZE, top_k=1).sample(
         params, context, jax.random.PRNGKey(3), 30)
     apply = jax.jit(transformer.build(TINY, VOCAB_SIZE).apply, static_argnums=3)
     ids = list(context)
@@ -86,7 +88,7 @@ def test_top_k_1_is_greedy_and_top_k_restricts_choices():
     assert greedy[0].tolist() == ids[len(context):]
 
     logits = jnp.log(jnp.array([[0.1, 0.2, 0.3, 0.4]]))
-    draws = jax.vmap(lambda k: generate.sample_logits(k, logits, 1.0, 2))(
+    draws = jax.vmap(lambda k: sampling.sample_logits(k, logits, 1.0, 2))(
         jax.random.split(jax.random.PRNGKey(0), 400))
     assert set(np.asarray(draws).ravel().tolist()) == {2, 3}
 
@@ -95,7 +97,7 @@ def test_temperature_sharpens_and_flattens():
     logits = jnp.log(jnp.array([[0.2, 0.8]]))
     keys = jax.random.split(jax.random.PRNGKey(0), 2000)
     share = lambda t: float(jnp.mean(jax.vmap(
-        lambda k: generate.sample_logits(k, logits, t, None))(keys)))
+        lambda k: sampling.sample_logits(k, logits, t, None))(keys)))
     assert share(0.05) > 0.99            # nearly greedy
     assert 0.75 < share(1.0) < 0.85      # the model's own 0.8
     assert 0.46 < share(100.0) < 0.56    # nearly uniform (p = 0.503)
@@ -112,7 +114,7 @@ def test_chunked_sampling_equals_reference_through_chunks_steps_and_a_full_windo
     context = np.array([4, 2, 7], np.int32)   # chunks of 4 over positions 3..14, one step
     key = jax.random.PRNGKey(11)              # to 16, then the window slides
     num_chars = 2 * hp.max_seq_len + 5
-    sampler = generate.Sampler(hp, VOCAB_SIZE, chunk=4)
+    sampler = sampling.Sampler(hp, VOCAB_SIZE, chunk=4)
     sizes = [chunk.shape[1] for chunk, _ in zip(
         sampler.stream(params, context, key, num_samples), range(7))]
     assert sizes == [4, 4, 4, 1, 4, 4, 4]
@@ -233,7 +235,7 @@ def full_forward_sample(params, hp, context_ids, key, sampled, temperature=1.0, 
     logits = jax.jit(transformer.build(hp, VOCAB_SIZE).apply, static_argnums=3)(
         params, None, jnp.asarray(text[:, :-1]), False)                      # [B, T - 1, V]
     start = len(context_ids) - 1
-    return np.stack([generate.sample_logits(jax.random.fold_in(key, i), logits[:, start + i],
+    return np.stack([sampling.sample_logits(jax.random.fold_in(key, i), logits[:, start + i],
                                             temperature, top_k, top_p, min_p)
                      for i in range(sampled.shape[1])], axis=1)
 
@@ -253,7 +255,7 @@ def test_streaming_sampler_equals_one_full_forward_pass_many_windows_on(
     context = np.array([3, 1, 4, 1, 5], np.int32)
     key = jax.random.PRNGKey(7)
     num_chars = 4 * hp.max_seq_len + 3  # 11 windows of 6, 4 training lengths
-    sampler = generate.Sampler(hp, VOCAB_SIZE, top_k=top_k, chunk=4)
+    sampler = sampling.Sampler(hp, VOCAB_SIZE, top_k=top_k, chunk=4)
     assert [c.shape[1] for c, _ in zip(sampler.stream(params, context, key), range(6))] == [4] * 6
     sampled = sampler.sample(params, context, key, num_chars, num_samples)
     np.testing.assert_array_equal(
@@ -272,7 +274,7 @@ def test_streaming_prefill_in_chunks_equals_one_full_forward_pass(context_length
     params = init_params(STREAMING)
     context = (np.arange(context_length, dtype=np.int32) * 7 + 3) % VOCAB_SIZE
     key = jax.random.PRNGKey(context_length)
-    sampler = generate.Sampler(STREAMING, VOCAB_SIZE, prefill_chunk=prefill_chunk)
+    sampler = sampling.Sampler(STREAMING, VOCAB_SIZE, prefill_chunk=prefill_chunk)
     sampled = sampler.sample(params, context, key, 12, num_samples=2)
     np.testing.assert_array_equal(sampled,
                                   full_forward_sample(params, STREAMING, context, key, sampled))
@@ -285,12 +287,12 @@ def test_streaming_prefill_reads_the_reach_of_a_context_exactly(hp):
     them still changes the next character's logits, and anything before it cannot."""
     params = init_params(hp)
     full = jax.jit(transformer.build(hp, VOCAB_SIZE).apply, static_argnums=3)
-    sampler = generate.Sampler(hp, VOCAB_SIZE, prefill_chunk=4)
-    reach = transformer.reach(hp)
+    sampler = sampling.Sampler(hp, VOCAB_SIZE, prefill_chunk=4)
+    reach = reader.receptive_field(hp)
     rng = np.random.default_rng(0)
     for n in (reach - 1, reach, reach + 1, 3 * reach + 2):
         context = rng.integers(0, VOCAB_SIZE, n).astype(np.int32)
-        logits = sampler.start(params, context, 1).logits[0]
+        logits = sampler.reader.start(params, context, 1).logits[0]
         expected = full(params, None, jnp.asarray(context)[None], False)[0, -1]
         np.testing.assert_allclose(logits, expected, atol=1e-6, err_msg=f"length {n}")
         if n > reach:  # the first character read matters to the full pass: it is read
@@ -298,7 +300,7 @@ def test_streaming_prefill_reads_the_reach_of_a_context_exactly(hp):
             changed[n - reach] = (changed[n - reach] + 1) % VOCAB_SIZE
             moved = full(params, None, jnp.asarray(changed)[None], False)[0, -1]
             assert np.abs(moved - expected).max() > 1e-4
-            np.testing.assert_allclose(sampler.start(params, changed, 1).logits[0], moved,
+            np.testing.assert_allclose(sampler.reader.start(params, changed, 1).logits[0], moved,
                                        atol=1e-6)
             changed[: n - reach] = (changed[: n - reach] + 3) % VOCAB_SIZE  # beyond reach
             np.testing.assert_allclose(
@@ -312,7 +314,7 @@ def test_streaming_sampler_reads_a_context_longer_than_the_window_whole():
     params = init_params(STREAMING)
     context = np.arange(3 * STREAMING.max_seq_len, dtype=np.int32) % VOCAB_SIZE
     key = jax.random.PRNGKey(2)
-    sampled = generate.Sampler(STREAMING, VOCAB_SIZE).sample(params, context, key, 20)
+    sampled = sampling.Sampler(STREAMING, VOCAB_SIZE).sample(params, context, key, 20)
     np.testing.assert_array_equal(sampled,
                                   full_forward_sample(params, STREAMING, context, key, sampled))
 
@@ -336,9 +338,9 @@ def test_every_valid_model_samples_as_the_plain_reference(hp):
     context = np.array([3, 1, 4], np.int32)
     key = jax.random.PRNGKey(11)
     num_chars = 2 * hp.max_seq_len + 5
-    sampled = generate.Sampler(hp, VOCAB_SIZE).sample(params, context, key, num_chars)
+    sampled = sampling.Sampler(hp, VOCAB_SIZE).sample(params, context, key, num_chars)
     expected = (full_forward_sample(params, hp, context, key, sampled)
-                if transformer.streams(hp) else
+                if transformer.is_streaming(hp) else
                 reference_sample(params, hp, context, key, num_chars))
     np.testing.assert_array_equal(sampled, expected)
 
@@ -373,7 +375,7 @@ def test_top_p_keeps_the_fewest_likeliest_reaching_p_and_min_p_a_share_of_the_li
     keys = jax.random.split(jax.random.PRNGKey(0), 4000)
 
     def draws(**rule):
-        ids = jax.vmap(lambda k: generate.sample_logits(k, logits, 1.0, None, **rule))(keys)
+        ids = jax.vmap(lambda k: sampling.sample_logits(k, logits, 1.0, None, **rule))(keys)
         return np.bincount(np.asarray(ids).ravel(), minlength=4) / len(keys)
 
     share = draws(top_p=0.7)        # 0.5 alone is short of 0.7: 0.5 and 0.3
@@ -386,7 +388,7 @@ def test_top_p_keeps_the_fewest_likeliest_reaching_p_and_min_p_a_share_of_the_li
     assert abs(draws(min_p=0.2)[3] - 0.15 / 0.95) < 0.03
     # In order: temperature 100 flattens the four to about 0.25 each, top-k 3 keeps the three
     # likeliest (about 1/3 each), and top-p 0.6 of those the two likeliest.
-    hot = jax.vmap(lambda k: generate.sample_logits(k, logits, 100.0, 3, 0.6, None))(keys)
+    hot = jax.vmap(lambda k: sampling.sample_logits(k, logits, 100.0, 3, 0.6, None))(keys)
     assert set(np.asarray(hot).ravel().tolist()) == {1, 2}
 
 
@@ -403,7 +405,7 @@ def test_cached_sampler_with_top_p_and_min_p_equals_the_plain_reference(streamin
     context = np.array([2, 7, 1, 8], np.int32)
     key = jax.random.PRNGKey(9)
     num_chars = 2 * hp.max_seq_len + 3
-    sampled = generate.Sampler(hp, VOCAB_SIZE, chunk=4, **rule).sample(
+    sampled = sampling.Sampler(hp, VOCAB_SIZE, chunk=4, **rule).sample(
         params, context, key, num_chars, num_samples)
     expected = (full_forward_sample(params, hp, context, key, sampled, **rule) if streaming
                 else reference_sample(params, hp, context, key, num_chars,

@@ -45,10 +45,12 @@ def test_low_precision_gradients_match_float32(spec, shape_a, shape_b):
 
 def test_single_rows_read_the_transposed_copy_and_compute_the_same():
     """add_transposed_weights adds w_t = w.T to the Linears with more inputs than outputs.
-    With read_w_t a single row reads w_t (zeroing it leaves the bias), several rows read w,
-    and either way the output is x @ w + b; a missing w_t is a clear error."""
+    Under Speed.transposed_weights a single row reads w_t (zeroing it leaves the bias),
+    several rows read w, and either way the output is x @ w + b; a missing w_t is a clear
+    error."""
     def linear(x, output_size):
-        return kernels.Linear(output_size, name="linear", read_w_t=True)(x)
+        with kernels.running(kernels.Speed(transposed_weights=True)):
+            return kernels.Linear(output_size, name="linear")(x)
 
     wide, narrow = (hk.without_apply_rng(hk.transform(functools.partial(linear,
                                                                         output_size=size)))

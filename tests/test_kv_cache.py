@@ -1,6 +1,6 @@
 """Tests of kv_cache.py: the cached model, fed its caches, gives the full forward's logits.
 
-Sampling streams through generate.Sampler, whose texts tests/test_generate.py compares with a
+Sampling streams through sampling.Sampler, whose texts tests/test_generate.py compares with a
 plain sampler; these check the caches alone, step by step.
 """
 
@@ -13,6 +13,8 @@ import generate
 import kernels
 import kv_cache
 import transformer
+import reader
+import sampling
 from test_transformer import BATCH_SIZE, VOCAB, jitted_apply, random_params, random_tokens, tiny
 
 
@@ -32,7 +34,7 @@ def test_cached_prefill_and_steps_match_full_forward(use_encoder, batch_size):
 
     cached = jax.jit(transformer.build_cached(hp, VOCAB).apply)
     params = kernels.add_transposed_weights(params)
-    cache = generate.empty_cache(hp, batch_size)
+    cache = reader.empty_cache(hp, batch_size)
     logits, cache = cached(params, None, tokens[:, :prefill], cache, 0)
     steps = [logits]
     for t in range(prefill, seq_len):
@@ -53,7 +55,7 @@ def test_chunk_cache_steps_match_full_forward(use_encoder):
 
     cached = jax.jit(transformer.build_cached(hp, VOCAB).apply)
     logits, cache = cached(params, None, tokens[:, :prefill],
-                           generate.empty_cache(hp, BATCH_SIZE), 0)
+                           reader.empty_cache(hp, BATCH_SIZE), 0)
     steps = [logits]
     for start in range(prefill, hp.max_seq_len - chunk + 1, chunk):
         state = kv_cache.start_chunk(cache, jnp.int32(start), chunk)
@@ -79,7 +81,7 @@ def test_streaming_steps_through_ring_caches_match_full_forward_at_any_position(
     full = jitted_apply(hp, False)(params, None, tokens)                   # [B, 40, V]
     cached = jax.jit(transformer.build_cached(hp, VOCAB).apply)
     params = kernels.add_transposed_weights(params)
-    cache = generate.empty_cache(hp, BATCH_SIZE)
+    cache = reader.empty_cache(hp, BATCH_SIZE)
     assert all(c.k.shape[-1] == 6 for layer in cache.values() for c in layer.values())
     logits, cache = cached(params, None, tokens[:, :5], cache, start)
     steps = [logits]

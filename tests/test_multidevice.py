@@ -14,7 +14,7 @@ import json, sys
 import jax, numpy as np
 sys.path[:0] = [".", "tests"]
 from conftest import TINY, tiny_config
-import checkpoint, data, generate, train, transformer
+import checkpoint, data, sampling, train, transformer
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 out_dir = sys.argv[1]
@@ -24,8 +24,6 @@ config = tiny_config(out_dir, max_iters=20, eval_interval=10, batch_size=8, log_
                      compute_dtype="float32")
 text = data.read_text(config.source_file)
 vocab = data.build_vocab(text)
-model = transformer.build(TINY, len(vocab))
-optimizer = train.make_optimizer(config)
 mesh = train.make_mesh()
 split = NamedSharding(mesh, P("data"))
 inputs, _ = jax.jit(lambda k, ids: jax.lax.with_sharding_constraint(
@@ -45,7 +43,7 @@ def spy(*args):
 train.make_train_step = spy
 meta = train.train(config, TINY)
 params = checkpoint.load(train.params_paths(config.params_dir, meta["run_hash"])[0])
-text = generate.Sampler(params.hparams, len(params.vocab)).sample(
+text = sampling.Sampler(params.hparams, len(params.vocab)).sample(
     params.params, data.encode("\n", params.vocab), jax.random.PRNGKey(0), 20)
 print(json.dumps({
     "devices": jax.device_count(),

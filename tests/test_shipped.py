@@ -23,9 +23,9 @@ TARGETS = {"cpu": ("val_loss", 1.29), "shakespeare": ("val_loss_256", 1.40)}
 def test_shipped_params_reproduce_their_recorded_validation_loss(preset, text):
     """Each shipped file is its preset's streaming model without optimizer state, trained
     within the hour; eval.py gives its recorded validation loss on its text, and its target."""
-    ckpt = checkpoint.load(evaluation.SHIPPED_PARAMS[preset])
+    ckpt = checkpoint.load(checkpoint.SHIPPED_PARAMS[preset])
     assert ckpt.hparams == train.PRESETS[preset][1]
-    assert transformer.streams(ckpt.hparams)  # every sampled character one cached step
+    assert transformer.is_streaming(ckpt.hparams)  # every sampled character one cached step
     recipe = train.PRESETS[preset][0]._asdict()
     for name in ("preset", "batch_size", "max_iters", "optimizer", "learning_rate",
                  "muon_learning_rate", "weight_decay", "ema_decay", "batches"):
@@ -43,7 +43,7 @@ def test_shipped_run_met_the_recipe_targets():
     """The targets the cpu preset was chosen for, from the run's own record: at most 1.29
     nats/char, with the best params within the first 60 minutes of the run, and 1.44 within
     its first 15 minutes."""
-    meta = checkpoint.load(evaluation.DEFAULT_PARAMS).meta
+    meta = checkpoint.load(checkpoint.DEFAULT_PARAMS).meta
     assert meta["min_val_loss"] <= 1.29
     assert meta["wall_s"] <= 60 * 60  # seconds since the run started, at this evaluation
     history = meta["history"]

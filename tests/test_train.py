@@ -5,7 +5,9 @@ import os
 import signal
 import subprocess
 import sys
+import zlib
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,11 +18,17 @@ import checkpoint
 import common
 import data
 import eval as evaluation
-import generate
 import kernels
 import train
+import objectives
+import optimizer as optimizer_module
+import train_step
 import transformer
-from conftest import CORPUS, ROOT, TINY, run_script, tiny_config, within
+import metrics
+import reader
+import sampling
+from conftest import (CORPUS, ROOT, TINY, make_optimizer, run_script, tiny_config, tiny_loss,
+                      within)
 
 
 def test_loss_falls_well_below_character_frequencies(tiny_run):
@@ -60,9 +68,9 @@ def test_both_params_files_hold_their_steps(tiny_run):
 
 def val_loss_of(ckpt: checkpoint.Checkpoint) -> float:
     ids = evaluation.data.encode(evaluation.data.read_text(CORPUS), ckpt.vocab)
-    _, val = evaluation.split_windows(ids, min(evaluation.EVAL_SEQ_LEN, TINY.max_seq_len))
-    window_loss = evaluation.make_window_loss(transformer.build(ckpt.hparams, len(ckpt.vocab)))
-    return evaluation.mean_loss(window_loss, ckpt.params, data.batch_windows(val, 512))
+    _, val = metrics.split_windows(ids, min(metrics.EVAL_SEQ_LEN, TINY.max_seq_len))
+    window_loss = metrics.make_window_loss(transformer.build(ckpt.hparams, len(ckpt.vocab)))
+    return metrics.mean_loss(window_loss, ckpt.params, data.batch_windows(val, 512))
 
 
 def test_min_val_file_reproduces_its_validation_loss(tiny_run):
@@ -77,10 +85,10 @@ def test_ema_evaluates_the_debiased_average_of_the_iterates(tmp_path):
     text = data.read_text(CORPUS)
     vocab = data.build_vocab(text)
     train_ids = jax.numpy.asarray(data.split(data.encode(text, vocab))[0])
-    model = transformer.build(TINY, len(vocab))
-    optimizer = train.make_optimizer(config)
-    state = train.fresh_start(config, TINY, vocab, model, optimizer).state
-    step = train.make_train_step(model, optimizer, config.batch_size, TINY.max_seq_len)
+    loss = hk.transform(tiny_loss(vocab_size=len(vocab)))
+    optimizer = make_optimizer(config)
+    state = train_step.init_state(config.prng_seed, loss, optimizer, TINY.max_seq_len)
+    step = train_step.make_train_step(loss, optimizer, config.batch_size, TINY.max_seq_len)
     iterates = []
     for _ in range(5):
         state, _ = step(state, train_ids)
@@ -89,12 +97,13 @@ def test_ema_evaluates_the_debiased_average_of_the_iterates(tmp_path):
     expected = jax.tree.map(
         lambda *ps: sum((1 - d) * d ** (n - i) * p for i, p in enumerate(ps, 1)) / (1 - d ** n),
         *iterates)
-    averaged = train.evaluated_params(config, state)
+    averaged = optimizer_module.evaluated_params(config, state.params, state.opt_state)
     for x, y in zip(jax.tree.leaves(averaged), jax.tree.leaves(expected)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
     assert not all(np.allclose(x, y) for x, y in zip(jax.tree.leaves(averaged),
                                                      jax.tree.leaves(iterates[-1])))
-    without = train.evaluated_params(config._replace(ema_decay=0.0), state)
+    without = optimizer_module.evaluated_params(config._replace(ema_decay=0.0), state.params,
+                                                state.opt_state)
     assert without is state.params
 
 
@@ -152,46 +161,6 @@ def test_overrides_are_typed_and_checked():
         common.parse_overrides(["--max_iters"], train.CONFIG)
 
 
-def test_ahead_loss_trains_a_head_for_the_character_after_next_and_logs_the_next_ones():
-    """With HParams.ahead_loss = w the step minimizes CE(next) + w CE(after next): one SGD
-    step at rate 1 moves the second head by exactly w times its own loss's gradient; the
-    logged loss is the next character's alone; evaluation ignores the head."""
-    hp = TINY._replace(dropout=0.0, ahead_loss=0.5)
-    V = 7
-    model = transformer.build(hp, V)
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, hp.max_seq_len), jnp.int32),
-                        False)
-    head = "transformer/unembed_ahead"
-    without_head = {k: v for k, v in params.items() if k != head}
-    assert set(params) - set(without_head) == {head}
-    tokens = jnp.asarray(np.arange(2 * hp.max_seq_len).reshape(2, -1) % V)
-    np.testing.assert_array_equal(
-        model.apply(params, None, tokens, False),
-        transformer.build(hp._replace(ahead_loss=0.0), V).apply(without_head, None, tokens,
-                                                                False))
-
-    train_ids = jnp.full((200,), 3, jnp.int32)  # every window the same: inputs and targets 3
-    step = train.make_train_step(model, optax.sgd(1.0), 4, hp.max_seq_len, ahead_loss=0.5)
-    state = train.TrainState(params, optax.sgd(1.0).init(params), jax.random.PRNGKey(1),
-                             jnp.int32(0))
-    new_state, metrics = step(jax.tree.map(jnp.array, state), train_ids)
-    inputs = jnp.full((4, hp.max_seq_len), 3, jnp.int32)
-
-    def after_next_loss(p):
-        after_next = model.apply(p, None, inputs, True, ahead=True)[1][:, :-1]
-        return -jnp.mean(jax.nn.log_softmax(after_next)[..., 3])
-
-    expected = jax.tree.map(lambda p, g: p - 0.5 * g, params[head],
-                            jax.grad(after_next_loss)(params)[head])
-    for name in ("w", "b"):
-        np.testing.assert_allclose(new_state.params[head][name], expected[name], rtol=1e-5,
-                                   atol=1e-6)
-    logits = model.apply(params, None, inputs, False)
-    next_loss = -jnp.mean(jax.nn.log_softmax(logits)[..., 3])
-    np.testing.assert_allclose(metrics["loss"], next_loss, rtol=1e-5)
-    assert abs(float(after_next_loss(params)) - float(next_loss)) > 0.01  # not the same
-
-
 def test_preset_sets_defaults_that_arguments_override():
     assert train.resolve(["--preset=original"]) == (
         train.CONFIG._replace(preset="original"), transformer.HPARAMS)
@@ -216,7 +185,7 @@ def test_auto_preset_picks_the_recipe_for_the_machine():
         name, why = train.choose_preset("auto", platform)
         assert name == "gpu" and platform in why
     assert train.choose_preset("original", "gpu") == ("original", "--preset")
-    assert transformer.streams(train.PRESETS["gpu"][1])
+    assert transformer.is_streaming(train.PRESETS["gpu"][1])
 
 
 def test_gpu_recipe_lowers_for_cuda():
@@ -225,16 +194,14 @@ def test_gpu_recipe_lowers_for_cuda():
     config, hp = train.PRESETS["gpu"]
     config = config._replace(compute_dtype="bfloat16")
     V = 65
-    model = transformer.build(hp, V, "bfloat16")
-    optimizer = train.make_optimizer(config)
-    step = train.make_train_step(model, optimizer, config.batch_size, hp.max_seq_len,
-                                 shuffle_key=jax.random.PRNGKey(1), ahead_loss=hp.ahead_loss)
+    loss_fn = tiny_loss(hp, V, config.ahead_loss, "bfloat16")
+    loss = hk.transform(loss_fn)
+    optimizer = make_optimizer(config, loss_fn)
+    step = train_step.make_train_step(loss, optimizer, config.batch_size, hp.max_seq_len,
+                                      shuffle_key=jax.random.PRNGKey(1))
 
     def initial_state():
-        params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, hp.max_seq_len), jnp.int32),
-                            False)
-        return train.TrainState(params, optimizer.init(params), jax.random.PRNGKey(2),
-                                jnp.int32(0))
+        return train_step.init_state(0, loss, optimizer, hp.max_seq_len)
 
     state = jax.eval_shape(initial_state)
     ids = jax.ShapeDtypeStruct((1_000_000,), jnp.int32)
@@ -242,14 +209,14 @@ def test_gpu_recipe_lowers_for_cuda():
     assert exported.platforms == ("cuda",)
     assert "bf16" in exported.mlir_module()  # the matmuls run in bfloat16
 
-    sampler = generate.Sampler(hp, V)
+    sampler = sampling.Sampler(hp, V)
     params = jax.eval_shape(lambda p: kernels.add_transposed_weights(p), state.params)
-    cache = jax.eval_shape(lambda: generate.empty_cache(hp, 1))
-    tokens = jax.ShapeDtypeStruct((1, sampler.prefill_chunk), jnp.int32)
+    cache = jax.eval_shape(lambda: reader.empty_cache(hp, 1))
+    tokens = jax.ShapeDtypeStruct((1, sampler.reader.prefill_chunk), jnp.int32)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    jax.export.export(sampler.read_chunk, platforms=["cuda"])(params, tokens, cache, scalar,
+    jax.export.export(sampler.reader.read_chunk, platforms=["cuda"])(params, tokens, cache, scalar,
                                                               scalar)
-    sampler_state = generate.SamplerState(
+    sampler_state = reader.ReadState(
         jax.ShapeDtypeStruct((1, 1), jnp.int32), scalar, cache,
         jax.ShapeDtypeStruct((1, V), jnp.float32))
     noise = jax.ShapeDtypeStruct((sampler.chunk, 1, V), jnp.float32)
@@ -324,7 +291,7 @@ def test_aim_run_holds_the_metrics(tmp_path):
     steps, (texts, *_) = run.get_text_sequence("sample", Context({})).data.items_list()
     assert steps == [10, 20]
     latest = checkpoint.load(train.params_paths(config.params_dir, meta["run_hash"])[0])
-    ids = generate.Sampler(TINY, len(latest.vocab)).sample(
+    ids = sampling.Sampler(TINY, len(latest.vocab)).sample(
         latest.params, data.encode("\n", latest.vocab), jax.random.PRNGKey(20), 20)
     assert texts[-1].data == data.decode(ids[0], latest.vocab)
     assert len(texts[0].data) == 20 and texts[0].data != texts[-1].data
@@ -423,7 +390,7 @@ def test_resume_refusals_exit_2_with_their_message(tiny_run, tmp_path):
     best = checkpoint.load(tiny_run["best"])
     assert best.opt_state is None and best.rng is None
     renamed = tmp_path / "shipped.pkl"
-    renamed.write_bytes(open(evaluation.DEFAULT_PARAMS, "rb").read())
+    renamed.write_bytes(open(checkpoint.DEFAULT_PARAMS, "rb").read())
     cases = [
         ([f"--resume={tiny_run['latest']}", "--d_model=64"],
          "the model's HPARAMS come from the params file"),
@@ -453,8 +420,8 @@ def test_resume_where_auto_chooses_another_dtype_takes_this_optimizers_dtypes(
         config = config._replace(resume=train.params_paths(config.params_dir,
                                                            first["run_hash"])[0])
         monkeypatch.setattr(kernels, "choose_compute_dtype", lambda r, *_: (here, "test"))
-        optimizer = train.make_optimizer(config)
-        state = train.resume_start(config, transformer.HPARAMS, optimizer).state
+        optimizer = make_optimizer(config)
+        state = train.resumed_state(config, checkpoint.load(config.resume), optimizer)
         fresh = jax.eval_shape(optimizer.init, state.params)
         dtypes = [x.dtype for x in jax.tree.leaves(state.opt_state)]
         assert dtypes == [x.dtype for x in jax.tree.leaves(fresh)]
@@ -465,8 +432,8 @@ def test_resume_refuses_a_changed_optimizer(tiny_run, monkeypatch):
     """An optimizer whose state differs from the file's (here: one more Adam moment pair) is
     refused rather than fed the wrong arrays."""
     real_make_optimizer = train.make_optimizer
-    monkeypatch.setattr(train, "make_optimizer", lambda config: optax.chain(
-        real_make_optimizer(config), optax.scale_by_adam()))
+    monkeypatch.setattr(train, "make_optimizer", lambda config, hidden: optax.chain(
+        real_make_optimizer(config, hidden), optax.scale_by_adam()))
     config, _ = train.resolve([f"--resume={tiny_run['latest']}"])
     with pytest.raises(common.UserError, match="optimizer state does not match"):
         train.train(config, transformer.HPARAMS)
@@ -516,10 +483,10 @@ def test_train_step_compiles_once(tmp_path, optimizer):
     config = tiny_config(tmp_path, optimizer=optimizer)
     text = evaluation.data.read_text(CORPUS)
     vocab = evaluation.data.build_vocab(text)
-    model = transformer.build(TINY, len(vocab))
-    optimizer = train.make_optimizer(config)
-    state = train.fresh_start(config, TINY, vocab, model, optimizer).state
-    step = train.make_train_step(model, optimizer, config.batch_size, TINY.max_seq_len)
+    loss = hk.transform(tiny_loss(vocab_size=len(vocab)))
+    optimizer = make_optimizer(config)
+    state = train_step.init_state(config.prng_seed, loss, optimizer, TINY.max_seq_len)
+    step = train_step.make_train_step(loss, optimizer, config.batch_size, TINY.max_seq_len)
     ids = jax.numpy.asarray(evaluation.data.encode(text[:5000], vocab))
     state, _ = step(state, ids)
     events = []
@@ -542,7 +509,7 @@ def test_train_step_compiles_once(tmp_path, optimizer):
 def test_schedule_warms_up_linearly_then_cosine_decays_to_its_floor():
     config = train.CONFIG._replace(learning_rate=2e-3, warmup_iters=50, max_iters=450,
                                    min_lr_ratio=0.1)
-    schedule = train.make_schedule(config)
+    schedule = optimizer_module.make_schedule(config)
     peak, floor = 2e-3, 2e-4
     assert float(schedule(0)) == 0.0
     assert float(schedule(25)) == pytest.approx(peak / 2, rel=1e-6)
@@ -555,10 +522,14 @@ def test_schedule_warms_up_linearly_then_cosine_decays_to_its_floor():
     assert float(schedule(10_000)) == pytest.approx(floor, rel=1e-5)  # past max_iters
 
 
-def _tiny_params(**changes):
-    model = transformer.build(TINY._replace(use_encoder=True, **changes), 10)
-    return jax.jit(model.init, static_argnums=2)(jax.random.PRNGKey(0),
-                                                 jax.numpy.zeros((1, 4), "int32"), False)
+def _tiny_loss(ahead_loss=0.0):
+    return tiny_loss(TINY._replace(use_encoder=True), 10, ahead_loss)
+
+
+def _tiny_params(ahead_loss=0.0):
+    dummy = jax.numpy.zeros((1, 4), "int32")
+    return jax.jit(hk.transform(_tiny_loss(ahead_loss)).init, static_argnums=4)(
+        jax.random.PRNGKey(0), dummy, dummy, None, False)
 
 
 def test_weight_decay_shrinks_matrices_and_embeddings_only():
@@ -566,7 +537,7 @@ def test_weight_decay_shrinks_matrices_and_embeddings_only():
     weight matrices and embedding tables; biases and LayerNorm gains and offsets stay."""
     config = train.CONFIG._replace(learning_rate=1e-2, warmup_iters=0, weight_decay=0.5)
     params = _tiny_params()
-    optimizer = train.make_optimizer(config)
+    optimizer = make_optimizer(config, _tiny_loss())
     zeros = jax.tree.map(jax.numpy.zeros_like, params)
     updates, _ = optimizer.update(zeros, optimizer.init(params), params)
     new = optax.apply_updates(params, updates)
@@ -597,7 +568,7 @@ def test_weight_decay_final_moves_the_decay_linearly_over_the_run(name):
     params = _tiny_params()
     zeros = jax.tree.map(jax.numpy.zeros_like, params)
     for final, expected in ((0.6, lambda k: 0.1 + 0.05 * min(k, 10)), (None, lambda k: 0.1)):
-        optimizer = train.make_optimizer(config._replace(weight_decay_final=final))
+        optimizer = make_optimizer(config._replace(weight_decay_final=final), _tiny_loss())
         state, current = optimizer.init(params), params
         for k in range(12):
             updates, state = optimizer.update(zeros, state, current)
@@ -614,7 +585,7 @@ def test_gradient_clipping_bounds_what_a_huge_gradient_moves(grad_clip):
     Adam's first update alone is scale-free, so the moment shows what clipping changed."""
     config = train.CONFIG._replace(grad_clip=grad_clip, warmup_iters=0)
     params = _tiny_params()
-    optimizer = train.make_optimizer(config)
+    optimizer = make_optimizer(config, _tiny_loss())
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
     direction = jax.tree.unflatten(tree, [jax.random.normal(k, x.shape)
@@ -632,7 +603,7 @@ def test_gradient_clipping_bounds_what_a_huge_gradient_moves(grad_clip):
 def test_wsd_schedule_warms_up_holds_then_decays_linearly():
     config = train.CONFIG._replace(learning_rate=2e-3, warmup_iters=50, max_iters=400,
                                    min_lr_ratio=0.1, schedule="wsd", decay_fraction=0.25)
-    schedule = train.make_schedule(config)
+    schedule = optimizer_module.make_schedule(config)
     peak, floor, decay_start = 2e-3, 2e-4, 400 - 0.25 * 400
     assert float(schedule(0)) == 0.0
     assert float(schedule(25)) == pytest.approx(peak / 2, rel=1e-6)
@@ -644,11 +615,11 @@ def test_wsd_schedule_warms_up_holds_then_decays_linearly():
     assert float(schedule(400)) == pytest.approx(floor, rel=1e-5)
     assert float(schedule(10_000)) == pytest.approx(floor, rel=1e-5)
     # A second peak (Muon's) follows the same shape.
-    assert float(train.make_schedule(config, 0.02)(300)) == pytest.approx(0.02, rel=1e-6)
+    assert float(optimizer_module.make_schedule(config, 0.02)(300)) == pytest.approx(0.02, rel=1e-6)
 
 
 def _is_adamw_part(module: str, name: str) -> bool:
-    return name != "w" or module.endswith(("unembed", "unembed_ahead"))
+    return name != "w" or module.endswith(("unembed", objectives.AFTER_NEXT))
 
 
 @pytest.mark.parametrize("compute_dtype,rtol", [("float32", 1e-3), ("bfloat16", 1e-2)])
@@ -664,12 +635,12 @@ def test_muon_orthogonalizes_hidden_matrices_and_adamw_takes_the_rest(compute_dt
                                    muon_learning_rate=0.02, warmup_iters=0, weight_decay=0.5,
                                    grad_clip=0.0, compute_dtype=compute_dtype)
     params = _tiny_params(ahead_loss=0.5)
-    assert "transformer/unembed_ahead" in params
-    optimizer = train.make_optimizer(config._replace(weight_decay=0.0))
-    leaves, structure = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    grads = jax.tree.unflatten(structure, [jax.random.normal(k, x.shape)
-                                           for k, x in zip(keys, leaves)])
+    assert objectives.AFTER_NEXT in params
+    optimizer = make_optimizer(config._replace(weight_decay=0.0), _tiny_loss(0.5))
+    key = lambda module, name: jax.random.fold_in(jax.random.PRNGKey(1),  # by name: any order
+                                                   zlib.crc32(f"{module}/{name}".encode()))
+    grads = {module: {name: jax.random.normal(key(module, name), x.shape)
+                      for name, x in leaves.items()} for module, leaves in params.items()}
     updates, _ = optimizer.update(grads, optimizer.init(params), params)
     muon_matrices = 0
     for module, leaves in params.items():
@@ -686,7 +657,7 @@ def test_muon_orthogonalizes_hidden_matrices_and_adamw_takes_the_rest(compute_dt
                 muon_matrices += 1
     assert muon_matrices == 4 * 2 + 4 + 3  # 2 decoder layers, 1 encoder layer, cross-attention
 
-    optimizer = train.make_optimizer(config)
+    optimizer = make_optimizer(config, _tiny_loss(0.5))
     zeros = jax.tree.map(jax.numpy.zeros_like, params)
     updates, _ = optimizer.update(zeros, optimizer.init(params), params)
     new = optax.apply_updates(params, updates)
@@ -752,7 +723,7 @@ def test_logged_learning_rates_are_each_optimizer_parts(tmp_path, capsys):
     config = tiny_config(tmp_path, max_iters=20, eval_interval=20, optimizer="muon",
                          learning_rate=3e-3, muon_learning_rate=0.02, warmup_iters=0,
                          schedule="wsd", decay_fraction=1.0, min_lr_ratio=0.0)
-    rates = train.learning_rates(config)
+    rates = optimizer_module.learning_rates(config)
     assert set(rates) == {"learning_rate", "muon_learning_rate"}
     assert float(rates["muon_learning_rate"](10)) == pytest.approx(0.01)
     assert float(rates["learning_rate"](10)) == pytest.approx(1.5e-3)
@@ -760,7 +731,7 @@ def test_logged_learning_rates_are_each_optimizer_parts(tmp_path, capsys):
     line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step 20 |")][0]
     assert line.endswith(f"learning_rate {float(rates['learning_rate'](19)):.2e} | "
                          f"muon_learning_rate {float(rates['muon_learning_rate'](19)):.2e}")
-    assert "muon_learning_rate" not in train.learning_rates(config._replace(optimizer="adamw"))
+    assert "muon_learning_rate" not in optimizer_module.learning_rates(config._replace(optimizer="adamw"))
 
 
 def test_ema_logs_both_losses_of_the_averaged_params(tmp_path):
@@ -770,10 +741,10 @@ def test_ema_logs_both_losses_of_the_averaged_params(tmp_path):
     meta = train.train(config, TINY)
     best = checkpoint.load(train.params_paths(config.params_dir, meta["run_hash"])[1])
     ids = data.encode(data.read_text(CORPUS), best.vocab)
-    train_windows, val_windows = evaluation.split_windows(ids, TINY.max_seq_len)
-    window_loss = evaluation.make_window_loss(transformer.build(TINY, len(best.vocab)))
+    train_windows, val_windows = metrics.split_windows(ids, TINY.max_seq_len)
+    window_loss = metrics.make_window_loss(transformer.build(TINY, len(best.vocab)))
     for name, windows in (("train_loss", train_windows), ("val_loss", val_windows)):
-        loss = evaluation.mean_loss(window_loss, best.params,
+        loss = metrics.mean_loss(window_loss, best.params,
                                     data.batch_windows(windows, 512))
         assert meta["history"][name][-1] == pytest.approx(loss, rel=1e-5), name
 
@@ -804,7 +775,7 @@ def test_muon_scales_each_matrix_by_haikus_in_out_layout():
     params = {"widen": {"w": np.zeros((8, 32), np.float32)},
               "narrow": {"w": np.zeros((32, 8), np.float32)}}
     grads = {"widen": {"w": g}, "narrow": {"w": g.T}}
-    optimizer = train.make_optimizer(config)
+    optimizer = make_optimizer(config, hidden={"widen": {"w": True}, "narrow": {"w": True}})
     updates, _ = optimizer.update(grads, optimizer.init(params), params)
     np.testing.assert_allclose(updates["widen"]["w"], 2.0 * updates["narrow"]["w"].T,
                                rtol=1e-4, atol=1e-7)

@@ -16,8 +16,11 @@ import optax
 import pytest
 from conftest import TINY
 
-import generate
+import bench
+import kernels
 import transformer
+import position_encodings
+import reader
 
 VOCAB = 10
 BATCH_SIZE = 2
@@ -118,7 +121,7 @@ def test_sequence_longer_than_max_seq_len_raises(use_encoder):
 
 
 def expected_param_count(hp: transformer.HParams, vocab_size: int) -> int:
-    """Written independently of transformer.param_count, module by module."""
+    """Written independently of bench.param_count, module by module."""
     D, F, V, S = hp.d_model, hp.d_ff, vocab_size, hp.max_seq_len
     layer_norm = 2 * D                          # scale and offset
     attention = 4 * (D * D + D)                 # query, key, value, out: weights and biases
@@ -127,9 +130,8 @@ def expected_param_count(hp: transformer.HParams, vocab_size: int) -> int:
     embeddings = V * D + (S * D if hp.positions == "learned" else 0)
     encoder_N = hp.encoder_N if hp.use_encoder else 0
     cross = encoder_N * (layer_norm + attention)
-    ahead = D * V + V if hp.ahead_loss else 0   # the second head, after next
     return (embeddings + (hp.decoder_N + encoder_N) * layer + cross
-            + layer_norm + D * V + V + ahead)   # final LN, unembedding
+            + layer_norm + D * V + V)           # final LN, unembedding
 
 
 def test_param_count_of_default_hparams():
@@ -143,7 +145,7 @@ def test_param_count_of_default_hparams():
                + hp.decoder_N * (2 * 2 * D + 4 * (D * D + D) + D * F + F + F * D + D)
                + 2 * D + D * V + V)
     assert count(shapes) == formula
-    assert transformer.param_count(hp, vocab_size) == formula
+    assert bench.param_count(hp, vocab_size) == formula
 
 
 @pytest.mark.parametrize("hp", [
@@ -153,13 +155,11 @@ def test_param_count_of_default_hparams():
     tiny(False, positions="sinusoidal"),
     tiny(True, positions="sinusoidal"),
     tiny(True, positions="rotary", attention_window=4),
-    tiny(False, ahead_loss=0.5),
-], ids=["decoder", "encoder1", "encoder2", "sinusoidal", "encoder_sinusoidal", "rotary",
-        "ahead"])
+], ids=["decoder", "encoder1", "encoder2", "sinusoidal", "encoder_sinusoidal", "rotary"])
 def test_param_count_matches_initialized_model(hp):
     """param_count and the independent formula both equal the initialized model's count."""
     actual = count(param_shapes(hp))
-    assert transformer.param_count(hp, VOCAB) == actual
+    assert bench.param_count(hp, VOCAB) == actual
     assert expected_param_count(hp, VOCAB) == actual
 
 
@@ -174,7 +174,7 @@ def test_sinusoidal_positions_have_no_parameters():
 def test_sinusoidal_encodings_formula():
     """sin(p / 10000^(2i/D)) on feature 2i and cos of the same angle on feature 2i+1."""
     max_seq_len, d_model = 12, 8
-    table = transformer.sinusoidal_encodings(max_seq_len, d_model)
+    table = position_encodings.sinusoidal(max_seq_len, d_model)
     assert table.shape == (max_seq_len, d_model)
     for p in range(max_seq_len):
         for i in range(d_model // 2):
@@ -309,7 +309,7 @@ def test_bfloat16_compute_keeps_float32_params_and_matches_float32_loss(changes,
     targets = random_tokens(21, hp.max_seq_len, batch_size)
 
     def loss_and_grads(compute_dtype):
-        model = transformer.build(hp, VOCAB, compute_dtype)
+        model = transformer.build(hp, VOCAB, kernels.Speed(compute_dtype))
         assert jax.tree.map(jnp.shape, param_shapes(hp)) == jax.tree.map(
             jnp.shape, jax.eval_shape(functools.partial(model.init, is_training=False),
                                       jax.random.PRNGKey(0), tokens))
@@ -329,7 +329,7 @@ def test_bfloat16_compute_keeps_float32_params_and_matches_float32_loss(changes,
     assert cosine > 0.99, cosine
     # The other Linears return bfloat16; the logits keep float32's precision: few of them
     # are bfloat16 numbers.
-    logits = jax.jit(transformer.build(hp, VOCAB, "bfloat16").apply, static_argnums=3)(
+    logits = jax.jit(transformer.build(hp, VOCAB, kernels.Speed("bfloat16")).apply, static_argnums=3)(
         params, None, tokens, False)
     assert np.mean(np.asarray(logits == logits.astype(jnp.bfloat16).astype(jnp.float32))) < 0.5
 
@@ -469,22 +469,19 @@ def test_decoder_layer_i_cross_attends_to_encoder_layer_i():
 
 
 @pytest.mark.parametrize("use_encoder", [False, True])
-def test_last_only_gives_the_last_positions_logits(use_encoder):
-    """apply(..., last_only=True), the sampler's pass over a full window, equals the full
-    forward's last position; shorter sequences too (the last query is at T - 1)."""
+def test_last_logits_are_the_full_forwards_last_position(use_encoder):
+    """reader.build_last_logits, the sampler's pass over a full window (the head reads the
+    last position only), equals the full forward's last position; shorter sequences too."""
     hp = tiny(use_encoder, encoder_N=2 if use_encoder else 1, decoder_N=3)
     params = random_params(hp)
-    apply = jax.jit(transformer.build(hp, VOCAB).apply, static_argnums=(3, 4))
+    apply = jax.jit(transformer.build(hp, VOCAB).apply, static_argnums=3)
+    last_logits = jax.jit(reader.build_last_logits(hp, VOCAB).apply)
     for seq_len in (hp.max_seq_len, 7):
         tokens = random_tokens(16, seq_len)
-        full = apply(params, None, tokens, False, False)                    # [B, T, V]
-        last = apply(params, None, tokens, False, True)                     # [B, 1, V]
-        assert last.shape == (BATCH_SIZE, 1, VOCAB)
-        np.testing.assert_allclose(last, full[:, -1:], atol=1e-5, rtol=1e-5)
-    with_cache = hk.transform(lambda tokens, cache: transformer.Transformer(hp, VOCAB)(
-        tokens, False, cache, 0, last_only=True))
-    with pytest.raises(ValueError, match="last_only"):
-        with_cache.init(jax.random.PRNGKey(0), tokens, generate.empty_cache(hp, BATCH_SIZE))
+        full = apply(params, None, tokens, False)                            # [B, T, V]
+        last = last_logits(params, None, tokens)                             # [B, V]
+        assert last.shape == (BATCH_SIZE, VOCAB)
+        np.testing.assert_allclose(last, full[:, -1], atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,7 +550,6 @@ INVALID = [
     ("dropout", TINY._replace(dropout=1.5)),
     ("stochastic_depth", TINY._replace(stochastic_depth=1.0)),
     ("stochastic_depth", TINY._replace(stochastic_depth=-0.5)),
-    ("ahead_loss", TINY._replace(ahead_loss=-1.0)),
     ("activation", TINY._replace(activation="gelu")),
     ("encoder_N", TINY._replace(use_encoder=True, encoder_N=3, decoder_N=2)),
     ("positions", TINY._replace(positions="relative")),
@@ -631,7 +627,7 @@ def test_attention_dropout_acts_in_every_band_of_the_banded_pass():
     block = transformer.KeysValues.of(k, v, positions)
 
     def core(is_training):
-        return transformer.attend(q, positions, (block,), W, 0.5, is_training)
+        return transformer.attend(q, positions, (block,), W, 0.5 if is_training else 0.0)
 
     apply = hk.transform(core).apply
     plain = apply({}, None, False)

@@ -17,6 +17,8 @@ import data
 import eval as evaluation
 import transformer
 import visualize
+import metrics
+import reader
 from conftest import CORPUS, ROOT, TINY, run_script, tiny_config
 from test_aim_ui import BROWSER_DIR, missing_tools
 
@@ -34,6 +36,12 @@ def streaming_run(tmp_path_factory):
     return train.params_paths(str(tmp_dir / "params"), meta["run_hash"])[1]
 
 
+def one_pass_loss(model, params, ids) -> float:
+    """Mean nats of ids[1:], each predicted in one forward pass over all of ids."""
+    logits = model.apply(params, None, jnp.asarray(ids)[None, :-1], False)[0]
+    return float(-jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(ids) - 1), ids[1:]]))
+
+
 def corpus_ids(ckpt, start=5000, num_chars=300):
     text = data.read_text(CORPUS)[start:start + num_chars]
     return text, data.encode(text, ckpt.vocab)
@@ -45,12 +53,12 @@ def test_streaming_losses_are_eval_stream_loss_and_window_losses_eval_val_loss(s
     pred = visualize.predictions(ckpt, ids)
     assert np.isnan(pred.loss[0]) and not np.isnan(pred.loss[1:]).any()
     model = transformer.build(ckpt.hparams, len(ckpt.vocab))
-    stream = float(evaluation.make_stream_loss(model)(ckpt.params, jnp.asarray(ids)))
+    stream = one_pass_loss(model, ckpt.params, ids)
     np.testing.assert_allclose(pred.loss[1:].mean(), stream, rtol=1e-5)
 
     nll, weights = visualize.window_losses(ckpt, ids)
-    windows = data.eval_windows(ids, min(evaluation.EVAL_SEQ_LEN, ckpt.hparams.max_seq_len))
-    val_loss = evaluation.mean_loss(evaluation.make_window_loss(model), ckpt.params,
+    windows = data.eval_windows(ids, min(metrics.EVAL_SEQ_LEN, ckpt.hparams.max_seq_len))
+    val_loss = metrics.mean_loss(metrics.make_window_loss(model), ckpt.params,
                                     data.batch_windows(windows, 32))
     np.testing.assert_allclose(nll.sum() / weights.sum(), val_loss, rtol=1e-5)
     # Each window's first position is predicted from one character: as the model alone says.
@@ -66,16 +74,17 @@ def test_windowed_model_losses_are_eval_losses_of_the_sampler_window(tiny_run):
     S = ckpt.hparams.max_seq_len
     _, ids = corpus_ids(ckpt, num_chars=3 * S + 5)
     pred = visualize.predictions(ckpt, ids)
-    window_loss = evaluation.make_window_loss(transformer.build(ckpt.hparams, len(ckpt.vocab)))
+    window_loss = metrics.make_window_loss(transformer.build(ckpt.hparams, len(ckpt.vocab)))
     for i in (1, S - 1, S, S + 1, 2 * S + 7, len(ids) - 1):
         begin = max(0, i - S)
         inputs, targets = ids[begin:i], ids[begin + 1:i + 1]
         weights = np.zeros(len(inputs), np.float32)
         weights[-1] = 1.0  # only character i counts
         one = data.batch_windows(data.Windows(inputs[None], targets[None], weights[None]), 1)
-        np.testing.assert_allclose(pred.loss[i], evaluation.mean_loss(
+        np.testing.assert_allclose(pred.loss[i], metrics.mean_loss(
             window_loss, ckpt.params, one), rtol=1e-5, err_msg=f"character {i}")
-    probs = np.asarray(jax.nn.softmax(visualize.next_logits(ckpt, ids)))
+    logits = reader.next_logits(ckpt.hparams, len(ckpt.vocab), ckpt.params, ids)
+    probs = np.asarray(jax.nn.softmax(logits))
     np.testing.assert_allclose(pred.top_probs, -np.sort(-probs)[:, :visualize.TOP], rtol=1e-5)
 
 
@@ -122,7 +131,7 @@ def test_attention_maps_are_the_weights_the_model_attends_with(streaming_run):
 
     seen = hk.transform(forward).apply(ckpt.params, None, jnp.asarray(ids)[None])
     for name, calls in seen.items():
-        values = calls["project"][2].v                                    # [1, H, S, K]
+        values = calls["project"][1].v                                    # [1, H, S, K]
         attended = np.einsum("hts,hsk->thk", maps[name.removeprefix("transformer/")],
                              np.asarray(values[0]))                      # [T, H, K]
         w = ckpt.params[f"{name}/out"]
@@ -146,8 +155,7 @@ def test_script_writes_page_png_and_json_and_the_browser_shows_them(streaming_ru
     assert all(len(r["next"]) == visualize.TOP for r in records["chars"])
     ckpt = checkpoint.load(streaming_run)
     model = transformer.build(ckpt.hparams, len(ckpt.vocab))
-    stream = float(evaluation.make_stream_loss(model)(ckpt.params, jnp.asarray(
-        data.encode(text, ckpt.vocab))))
+    stream = one_pass_loss(model, ckpt.params, data.encode(text, ckpt.vocab))
     assert float(result.stdout.split("mean_loss: ")[1].split()[0]) == pytest.approx(stream,
                                                                                    abs=1e-4)
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,74 @@
+"""How a model is scored: mean cross-entropy over fixed, non-overlapping windows of a text
+(every character after the first predicted exactly once), shared by train.py's evaluations,
+eval.py and visualize.py. What a character sees when read as a stream: reader.py.
+"""
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import data
+import transformer
+
+EVAL_SEQ_LEN = 128  # the project's metric: windows of 128 characters, whatever max_seq_len
+NANOGPT_SEQ_LEN = 256  # nanoGPT's shakespeare_char block_size: val_loss_256
+
+
+def window_len(hp: transformer.HParams) -> int:
+    """The evaluation windows' length for a model: EVAL_SEQ_LEN, or max_seq_len if shorter."""
+    return min(EVAL_SEQ_LEN, hp.max_seq_len)
+
+
+def takes(hp: transformer.HParams, length: int) -> bool:
+    """Whether the model reads `length` positions in one pass."""
+    return transformer.is_streaming(hp) or hp.max_seq_len >= length
+
+
+def position_losses(model: hk.Transformed, params, batch: data.Windows) -> jax.Array:
+    """[B, T]: nats of each window position's target, weighted (padding: 0)."""
+    logits = model.apply(params, None, batch.inputs, False)                      # [B, T, V]
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch.targets)  # [B, T]
+    return nll * batch.weights
+
+
+def make_window_loss(model: hk.Transformed):
+    """jitted (params, batches) -> (summed nll in nats, counted characters), one call for
+    all batches (a lax.map over their leading axis): one dispatch and one host sync."""
+
+    @jax.jit
+    def window_loss(params, batches: data.Windows):
+        losses = jax.lax.map(lambda b: jnp.sum(position_losses(model, params, b)),
+                             batches)                                           # [NB]
+        return jnp.sum(losses), jnp.sum(batches.weights)
+
+    return window_loss
+
+
+def mean_loss(window_loss, params, batches: data.Windows) -> float:
+    """Mean nats per counted character over all `batches`."""
+    total, count = window_loss(params, batches)
+    return float(total) / float(count)
+
+
+def split_windows(ids: np.ndarray, seq_len: int) -> tuple[data.Windows, data.Windows]:
+    """(train, val) evaluation windows: the whole validation split, and as many windows
+    spread evenly over the training split."""
+    train_ids, val_ids = data.split(ids)
+    val = data.eval_windows(val_ids, seq_len)
+    every = max(1, (len(train_ids) - 1) // seq_len // len(val.inputs))
+    train = data.eval_windows(train_ids, seq_len, every)
+    return data.Windows(*(a[: len(val.inputs)] for a in train)), val
+
+
+def make_evaluate(hp: transformer.HParams, vocab_size: int, ids: np.ndarray,
+                  batch_size: int, sharding: jax.sharding.Sharding | None = None):
+    """params -> (train_loss, val_loss): the whole validation split, and as many training
+    windows, in eval.py's windows and float32; with `sharding` (over the batch axis of
+    [batches, batch, T]), each batch split across devices."""
+    windows = split_windows(ids, window_len(hp))
+    train_batches, val_batches = (data.batch_windows(w, batch_size, sharding) for w in windows)
+    window_loss = make_window_loss(transformer.build(hp, vocab_size))
+    return lambda params: (mean_loss(window_loss, params, train_batches),
+                           mean_loss(window_loss, params, val_batches))

@@ -1,0 +1,70 @@
+"""One training step, jitted: the state it carries, its start from a seed, the update (a
+batch drawn on the device, the objectives' gradients, the optimizer), split across devices.
+train.py runs it in its loop; bench.py times it.
+"""
+
+from typing import NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import optax
+
+import data
+
+
+class TrainState(NamedTuple):
+    params: hk.Params
+    opt_state: optax.OptState
+    rng: jax.Array
+    step: jax.Array  # [] int32: optimizer steps taken
+
+
+def make_mesh() -> jax.sharding.Mesh:
+    """A 1-D mesh over every device of every process: data parallelism splits the batch."""
+    return jax.make_mesh((jax.device_count(),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def make_train_step(loss: hk.Transformed, optimizer, batch_size: int, seq_len: int,
+                    batch_sharding: jax.sharding.Sharding | None = None,
+                    shuffle_key: jax.Array | None = None):
+    """jitted (state, train_ids[, teacher]) -> (state, metrics): one optimizer step of
+    `loss` (objectives.build_loss) on a batch of random windows or, with `shuffle_key`, on
+    the next batch of data.shuffled_starts's passes; `teacher` ([len(train_ids) - 1, V]:
+    objectives.teacher_targets) gives each position's soft target. metrics["loss"] is the
+    next character's alone, as evaluation measures it.
+
+    With `batch_sharding`, the batch is split across the mesh and, since the state is
+    replicated, XLA all-reduces the gradients: plain data parallelism.
+    """
+    def train_step(state: TrainState, train_ids: jax.Array, teacher: jax.Array | None = None):
+        rng, batch_key, dropout_key = jax.random.split(state.rng, 3)
+        if shuffle_key is None:
+            starts = data.sample_starts(batch_key, train_ids.shape[0], batch_size, seq_len)
+        else:
+            starts = data.shuffled_starts(shuffle_key, state.step, train_ids.shape[0],
+                                          batch_size, seq_len)
+        inputs, targets = data.window_batch(train_ids, starts, seq_len)
+        soft_targets = (None if teacher is None else
+                        teacher[starts[:, None] + jnp.arange(seq_len)])     # [B, T, V]
+        if batch_sharding is not None:
+            inputs, targets, soft_targets = jax.lax.with_sharding_constraint(
+                (inputs, targets, soft_targets), batch_sharding)
+        (_, next_loss), grads = jax.value_and_grad(loss.apply, has_aux=True)(
+            state.params, dropout_key, inputs, targets, soft_targets)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": next_loss, "grad_norm": optax.tree.norm(grads)}
+        return TrainState(params, opt_state, rng, state.step + 1), metrics
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def init_state(seed: int, loss: hk.Transformed, optimizer, seq_len: int) -> TrainState:
+    """The state at step 0: params drawn from `seed` (objectives.build_loss's, initialized
+    without dropout), the optimizer's state, the training rng."""
+    init_key, rng = jax.random.split(jax.random.PRNGKey(seed))
+    dummy = jnp.zeros((1, seq_len), jnp.int32)
+    params = jax.jit(loss.init, static_argnums=4)(init_key, dummy, dummy, None, False)
+    return TrainState(params, optimizer.init(params), rng, jnp.int32(0))
