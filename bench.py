@@ -150,7 +150,9 @@ def bench_train(config, hp) -> dict:
     ids = data.encode(text, vocab)
     train_ids = jnp.asarray(data.split(ids)[0])
     train_config = train_config_of(config)
-    flops = flops_per_token(hp, len(vocab))
+    # The step also runs the after-next head of --ahead_loss, a second unembedding.
+    flops = flops_per_token(hp, len(vocab)) + (
+        6 * (hp.d_model * len(vocab) + len(vocab)) if train_config.ahead_loss else 0)
     out = {"flops_per_token": flops, "train_optimizer": train_config.optimizer}
     weights = objectives.Weights(train_config.ahead_loss)
     for dtype in config.compute_dtypes.split(","):
