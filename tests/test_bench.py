@@ -1,9 +1,14 @@
-"""bench.py end to end on a tiny model: every figure of its table is in its JSON, and bad
-options exit 2. (Its numbers are measurements, not checked here: see README, Benchmark.)"""
+"""bench.py end to end on a tiny model: every figure of its table is in its JSON, the
+derived ones (tokens per step, FLOPs per token, MFU) equal hand counts, and bad options exit
+2. (The timings themselves are measurements, not checked here: see docs/benchmarks.md.)"""
 
 import json
 import sys
 
+import pytest
+
+import bench
+import transformer
 from conftest import TINY, run_script
 
 TINY_ARGS = [f"--{name}={value}" for name, value in TINY._asdict().items()]
@@ -23,6 +28,12 @@ def test_bench_reports_every_figure(tmp_path):
         assert r[key] > 0, key
     assert r["train_compute_dtype"] == "float32"
     assert r["train_tokens_per_s"] == r["train_float32_tokens_per_s"]
+    # The derived figures, by hand: 2 x 16 tokens a step; FLOPs of the corpus's 88 characters.
+    assert r["train_tokens_per_s"] == pytest.approx(2 * TINY.max_seq_len / r["train_step_s"])
+    assert r["flops_per_token"] == hand_flops_per_token(TINY, 88)
+    assert r["train_gflops"] == pytest.approx(r["train_tokens_per_s"] * r["flops_per_token"]
+                                              / 1e9)
+    assert r["train_mfu"] == pytest.approx(r["train_gflops"] / r["peak_f32_gflops"])
     assert r["sample_bandwidth_bound_chars_per_s"] == (
         r["copy_gb_per_s"] * 1e9 / r["weight_bytes"])
     assert "sample, cached, 1 stream" in result.stdout
@@ -133,3 +144,26 @@ def test_bench_times_the_presets_optimizer_unless_told_another():
     assert timed_optimizer("--preset=cpu") == "muon"
     assert timed_optimizer() == train.CONFIG.optimizer
     assert timed_optimizer("--preset=cpu", "--optimizer=adamw") == "adamw"
+
+
+def hand_flops_per_token(hp: transformer.HParams, V: int) -> int:
+    """6 x the parameters that matmuls use per token (not the embedding tables, which are
+    gathered) + 12 x attention blocks x T x D (the scores and the weighted sum), counted from
+    the layers one by one."""
+    D, F, T = hp.d_model, hp.d_ff, hp.max_seq_len
+    encoders = hp.encoder_N if hp.use_encoder else 0
+    attention = 4 * (D * D + D)                      # q, k, v, out: weights and biases
+    layer = attention + D * F + F + F * D + D + 4 * D  # + feed-forward + two LayerNorms
+    cross = attention + 2 * D                        # decoder layers fed by the encoder
+    matmul_params = (hp.decoder_N + encoders) * layer + encoders * cross + 2 * D + D * V + V
+    return 6 * matmul_params + 12 * (hp.decoder_N + 2 * encoders) * T * D
+
+
+@pytest.mark.parametrize("changes", [
+    {}, {"positions": "sinusoidal"}, {"positions": "rotary", "attention_window": 8},
+    {"use_encoder": True, "positions": "rotary"}], ids=["learned", "sinusoidal", "rotary",
+                                                        "encoder"])
+def test_flops_per_token_is_the_hand_count_for_each_kind_of_positions(changes):
+    """No kind of positions adds matmul FLOPs: a learned table is gathered, not multiplied."""
+    hp = TINY._replace(**changes)
+    assert bench.flops_per_token(hp, 88) == hand_flops_per_token(hp, 88)

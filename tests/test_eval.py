@@ -62,6 +62,8 @@ def test_eval_metrics_match_an_independent_computation(tiny_run):
     expected = independent_loss(ckpt, val_ids, seq_len)
     assert float(metrics["val_loss"]) == pytest.approx(expected, abs=2e-4)
     assert float(metrics["val_bpc"]) == pytest.approx(expected / math.log(2), abs=2e-4)
+    assert float(metrics["train_bpc"]) == pytest.approx(
+        float(metrics["train_loss"]) / math.log(2), abs=2e-4)
     assert int(metrics["val_chars"]) == len(val_ids) - 1
     assert int(metrics["params"]) == bench.param_count(ckpt.hparams, len(ckpt.vocab))
     assert int(metrics["step"]) == ckpt.meta["step"]

@@ -100,3 +100,93 @@ def test_stopped_says_how_to_resume(tmp_path, capsys):
     assert f"python train.py --resume={run.latest_path}" in err
     run.stopped(7, None)  # at train(stop_at=7): no signal to name
     assert capsys.readouterr().err.startswith("stopped at step 7;")
+
+
+def test_plot_marks_the_evaluation_whose_validation_loss_is_lowest(tmp_path, monkeypatch):
+    """Against steps and against minutes, the red point is at the lowest validation loss
+    (here neither the first nor the last evaluation, nor the lowest training loss)."""
+    import matplotlib.axes
+
+    import run as run_module
+
+    marked = []
+    real_scatter = matplotlib.axes.Axes.scatter
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter", lambda self, x, y, **kw: (
+        marked.append((list(x), list(y), kw.get("label", ""))), real_scatter(self, x, y, **kw))[1])
+    history = {"step": [100, 200, 300, 400], "train_loss": [2.0, 1.5, 1.2, 1.0],
+               "val_loss": [2.1, 1.7, 1.6, 1.65], "wall_s": [60, 150, 240, 330]}
+    run_module.plot_losses(history, str(tmp_path / "plot.png"), "run")
+    (steps, vals, label), (minutes, vals_t, _) = marked
+    assert (steps, vals) == ([300], [1.6]) and "1.6000 at step 300" in label
+    assert (minutes, vals_t) == ([4.0], [1.6])
+
+
+class FakeTracker:
+    def __init__(self):
+        self.tracked, self.run = [], None
+
+    def track(self, step, context=None, **metrics):
+        self.tracked.append((step, context or {}, metrics))
+
+    def track_text(self, step, name, text):
+        pass
+
+
+def test_log_lines_and_aim_get_the_bpc_of_each_loss_and_each_rate_of_that_steps_update(
+        tmp_path, capsys):
+    """An evaluation's line and Aim: bpc = loss / ln 2 for both subsets; the learning rates
+    logged at step s are the schedule's at s - 1, the count of the update that made step s
+    (optax counts updates from 0)."""
+    import math
+
+    from tqdm import tqdm
+
+    import run as run_module
+
+    run = _run(tmp_path)
+    run.tracker = FakeTracker()
+    schedule = lambda count: count / 10
+    bar = tqdm(disable=True)
+    run_module.log_evaluation(run, bar, 7, (1.2, 1.5), 1000.0, {"learning_rate": schedule})
+    line = capsys.readouterr().out
+    assert line.startswith("step 7 | train 1.2000 | val 1.5000 | 1000 tok/s | learning_rate "
+                           "6.00e-01")
+    for subset, loss in (("train", 1.2), ("val", 1.5)):
+        (metrics,) = [m for _, c, m in run.tracker.tracked if c == {"subset": subset}]
+        assert metrics == {"loss": loss, "bpc": loss / math.log(2)}
+    run_module.log_progress(run, bar, 7, {"loss": 1.3, "grad_norm": 0.5}, 1000.0,
+                            {"learning_rate": schedule})
+    assert run.tracker.tracked[-1] == (7, {}, {"batch_loss": 1.3, "grad_norm": 0.5,
+                                               "tokens_per_s": 1000.0, "learning_rate": 0.6})
+
+
+def test_the_first_update_uses_the_schedules_rate_at_count_0():
+    """What 'the rate at s - 1' rests on: with a warmup from 0, the first update (the one
+    that makes step 1) changes nothing, the second does."""
+    import jax
+
+    import optimizer
+
+    config = train.CONFIG._replace(warmup_iters=5, learning_rate=0.1, weight_decay=0.5)
+    params = {"linear": {"w": np.ones((2, 3), np.float32)}}
+    grads = {"linear": {"w": np.ones((2, 3), np.float32)}}
+    opt = optimizer.make_optimizer(config, {"linear": {"w": True}})
+    state = opt.init(params)
+    first, state = opt.update(grads, state, params)
+    second, _ = opt.update(grads, state, params)
+    assert float(optimizer.make_schedule(config)(0)) == 0.0
+    assert not np.any(jax.tree.leaves(first)[0]) and np.all(jax.tree.leaves(second)[0] < 0)
+
+
+def test_speed_counts_the_steps_it_timed(monkeypatch):
+    """tokens/s = steps since the last reset x tokens a step / seconds since that reset."""
+    import run as run_module
+
+    clock = iter([100.0, 104.0, 110.0, 111.0])
+    monkeypatch.setattr(run_module.time, "time", lambda: next(clock))
+    speed = run_module.Speed(tokens_per_step=64)
+    speed.steps = 8
+    assert speed.measure() == 8 * 64 / 4.0
+    speed.reset()
+    speed.steps = 3
+    assert speed.measure() == 3 * 64 / 1.0 and speed.tokens_per_s == 192.0

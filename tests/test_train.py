@@ -780,3 +780,11 @@ def test_muon_scales_each_matrix_by_haikus_in_out_layout():
     np.testing.assert_allclose(updates["widen"]["w"], 2.0 * updates["narrow"]["w"].T,
                                rtol=1e-4, atol=1e-7)
     assert np.abs(updates["widen"]["w"]).max() > 0
+
+
+def test_every_evaluation_line_reports_the_speed_of_the_steps_before_it(tmp_path, capsys):
+    """Also the last evaluation, at a max_iters off the eval and log intervals."""
+    train.train(tiny_config(tmp_path, max_iters=25, eval_interval=10, log_interval=10), TINY)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [int(line.split()[1]) for line in lines] == [10, 20, 25]
+    assert all(float(line.split(" | ")[3].removesuffix(" tok/s")) > 0 for line in lines)

@@ -213,3 +213,70 @@ def test_default_text_is_the_validation_split_else_the_sample_context(streaming_
     assert visualize.read_shown_text(moved, config) == data.read_text(
         os.path.join(ROOT, "eval_context.txt"))
     assert "/nowhere/text.txt is missing" in capsys.readouterr().err
+
+
+KIND_OF = {"\n": "newline", " ": "space", **{c: "lower-case letters" for c in "abcdefghijlmnopqrstuvxyz"},
+           **{c: "capitals" for c in "ABCDEFGHIJLMNOPQRSTUVXYZ"},
+           **{c: "accented letters" for c in "ñÁóéÑáíú"}, **{c: "digits" for c in "0123456789"},
+           **{c: "punctuation" for c in ":;,.!¡?¿()-"}}
+
+
+def test_every_figure_on_the_page_and_in_the_json_equals_a_computation_from_the_logits(
+        tiny_run, tmp_path):
+    """On a text of every kind of character, several 16-character windows long, each figure
+    visualize.py writes is recomputed here from the model's own forward pass: each
+    character's loss (nats) and probability, its five likeliest successors, each table row's
+    count and mean, and the headline means in nats and bits."""
+    text = "Dijo el 3 de mayo: ¡Señor Ánsar, ven!\nY ella, ñoña, rió 4 veces; é.\nFin 12."
+    ckpt = checkpoint.load(tiny_run["best"])
+    ids, S = data.encode(text, ckpt.vocab), ckpt.hparams.max_seq_len
+    assert len(text) > 4 * S
+    apply = jax.jit(transformer.build(ckpt.hparams, len(ckpt.vocab)).apply, static_argnums=3)
+    # What the sampler shows the model before character i + 1: the last S characters.
+    log_probs = np.stack([np.asarray(jax.nn.log_softmax(apply(
+        ckpt.params, None, jnp.asarray(ids[max(0, i + 1 - S): i + 1])[None], False)[0, -1]))
+        for i in range(len(ids))])                                            # [N, V]
+    loss = np.array([-log_probs[i - 1, ids[i]] for i in range(1, len(ids))])  # of char i
+    out, js = str(tmp_path / "page.html"), str(tmp_path / "chars.json")
+    stats = visualize.visualize(visualize.CONFIG._replace(
+        params=tiny_run["best"], context=text, out=out, json=js,
+        attention_png=str(tmp_path / "a.png")))
+    page = json.load(open(js, encoding="utf-8"))
+    records = page["chars"]
+    assert records[0]["loss"] is None
+    np.testing.assert_allclose([r["loss"] for r in records[1:]], loss, atol=1e-4)
+    for i, r in enumerate(records):
+        order = np.argsort(-log_probs[i], kind="stable")[:visualize.TOP]
+        assert [c for c, _ in r["next"]] == [ckpt.vocab[j] for j in order], i
+        np.testing.assert_allclose([p for _, p in r["next"]], np.exp(log_probs[i][order]),
+                                   atol=1e-4)
+    assert stats["mean_loss"] == pytest.approx(loss.mean(), rel=1e-5)
+    assert stats["bits_per_char"] == pytest.approx(loss.mean() / np.log(2), rel=1e-5)
+    html = open(out, encoding="utf-8").read()
+    assert f"Mean loss {loss.mean():.4f} nats per character ({loss.mean() / np.log(2):.3f} bits)" in html
+    # Loss by kind of character, each row from the characters of that kind.
+    kinds = [KIND_OF[c] for c in text[1:]]
+    assert len(stats["by_kind"]) == len(set(kinds)) == 7
+    for name, row in stats["by_kind"].items():
+        picked = loss[[k == name for k in kinds]]
+        assert row["chars"] == len(picked)
+        assert row["loss"] == pytest.approx(picked.mean(), rel=1e-5)
+        assert f"<td>{name}</td><td>{len(picked)}</td><td>{picked.mean():.3f}</td>" in html
+    # Loss by position in eval.py's non-overlapping windows (here the model's 16).
+    T = min(metrics.EVAL_SEQ_LEN, S)
+    position_nll = [[] for _ in range(T)]
+    for begin in range(0, len(ids) - 1, T):
+        inputs, targets = ids[begin: begin + T], ids[begin + 1: begin + T + 1]
+        window = np.asarray(jax.nn.log_softmax(apply(ckpt.params, None,
+                                                     jnp.asarray(inputs)[None], False)[0]))
+        for p, target in enumerate(targets):
+            position_nll[p].append(-window[p, target])
+    rows = {tuple(row["positions"]): row for row in stats["by_position"]}
+    for lo, hi in [(0, 1), (1, 2), (2, 4), (4, 8), (8, 16)]:
+        values = sum(position_nll[lo:hi], [])
+        row = rows[(lo, hi - 1)]
+        assert row["chars"] == len(values)
+        assert row["loss"] == pytest.approx(np.mean(values), rel=1e-5)
+        label = f"{lo}" if lo == hi - 1 else f"{lo}-{hi - 1}"
+        assert f"<td>{label}</td><td>{len(values)}</td><td>{np.mean(values):.3f}</td>" in html
+    assert stats["window_loss"] == pytest.approx(np.mean(sum(position_nll, [])), rel=1e-5)
