@@ -92,8 +92,8 @@ def main(argv) -> int:
     context, context_ids = read_context(config, ckpt.vocab)
     print(f"# devices {jax.devices()} | run {ckpt.meta.get('run_hash')} | seed {seed} | "
           f"{checkpoint.num_params(ckpt.params):,} params", file=sys.stderr)
-    sampler = sampling.Sampler(ckpt.hparams, len(ckpt.vocab), config.temperature, config.top_k,
-                      config.top_p, config.min_p)
+    sampler = sampling.Sampler(ckpt.hparams, len(ckpt.vocab), config.temperature,
+                               config.top_k, config.top_p, config.min_p)
     params = jax.device_put(ckpt.params)
     key = jax.random.PRNGKey(seed)
     try:

@@ -206,12 +206,12 @@ class Linear(hk.Linear):
     Under `running`'s policy Haiku casts the input and parameters to the compute dtype before
     this call and the output to the policy's output dtype after it.
 
-    With Speed.transposed_weights, a single row x [1, I] with I > O is multiplied by the weight's transposed
-    copy "w_t" [O, I] (see add_transposed_weights). XLA:CPU computes x @ w by streaming w's
-    rows, and long rows stream faster: ff_out's w_t has 1536-float rows where w has 384-float
-    ones (22-28 against 15-16 GB/s; one-stream sampling took 11-13% less time per character).
-    With more rows it is a matrix product, which ran slower on w_t (8 streams: 73 against 128
-    steps/s), so those read w.
+    With Speed.transposed_weights, a single row x [1, I] with I > O is multiplied by the
+    weight's transposed copy "w_t" [O, I] (see add_transposed_weights). XLA:CPU computes
+    x @ w by streaming w's rows, and long rows stream faster: ff_out's w_t has 1536-float
+    rows where w has 384-float ones (22-28 against 15-16 GB/s; one-stream sampling took
+    11-13% less time per character). With more rows it is a matrix product, which ran slower
+    on w_t (8 streams: 73 against 128 steps/s), so those read w.
     """
 
     def __init__(self, output_size: int, name: str):

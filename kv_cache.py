@@ -154,7 +154,7 @@ class PrefillCache(NamedTuple):
 def init_cache(blocks: dict[str, tuple[str, ...]], batch_size: int, num_heads: int,
                key_size: int, length: int, ring: bool, dtype=jnp.float32) -> dict:
     """Empty caches, {layer: {block: cache}} for the attention blocks `blocks` names
-    (transformer.attention_blocks): RingCaches of `length` = W positions for a streaming
+    (reader.attention_blocks): RingCaches of `length` = W positions for a streaming
     model (ring), else KVCaches of `length` = max_seq_len."""
     empty = RingCache.empty if ring else KVCache.empty
     return {layer: {block: empty(batch_size, num_heads, key_size, length, dtype)

@@ -1,5 +1,5 @@
-"""How positions enter the model (transformer.py): rotary angles (exact at any position) and the fixed
-sinusoidal table. Learned position embeddings are a parameter of the Transformer itself."""
+"""How positions enter the model (transformer.py): rotary angles (exact at any position) and
+the fixed sinusoidal table. Learned position embeddings are a parameter of the Transformer."""
 
 import jax
 import jax.numpy as jnp

@@ -5,8 +5,8 @@ dropout, the optimizer's update). Every eval_interval steps: the loss over the w
 validation split and as many training windows, the latest params file, the best one
 (`.min_val.pkl`) when validation improves, one log line, and Aim metrics with a text sample.
 Ctrl-C or SIGTERM saves the latest params file and prints how to resume. The config and its
-recipes: recipes.py; the optimizer: optimizer.py; the objectives: objectives.py; the run's
-files, log and plot: run.py.
+recipes: recipes.py; the step: train_step.py; its loss: objectives.py; the optimizer:
+optimizer.py; the run's files, log and plot: run.py.
 """
 
 import os
@@ -26,10 +26,10 @@ import data
 import kernels
 import metrics
 import objectives
-from optimizer import evaluated_params, hidden_matrices, learning_rates, make_optimizer
 import sampling
 import transformer
 from common import StopRequest, UserError, format_config, parse_overrides, run_main
+from optimizer import evaluated_params, hidden_matrices, learning_rates, make_optimizer
 from recipes import CONFIG, PRESETS, Config, check_config, choose_preset
 from run import (NonFiniteLoss, Run, Speed, log_evaluation, log_progress,
                  params_paths, plot_losses, plot_path)  # noqa: F401 (train.params_paths)

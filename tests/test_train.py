@@ -731,7 +731,8 @@ def test_logged_learning_rates_are_each_optimizer_parts(tmp_path, capsys):
     line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step 20 |")][0]
     assert line.endswith(f"learning_rate {float(rates['learning_rate'](19)):.2e} | "
                          f"muon_learning_rate {float(rates['muon_learning_rate'](19)):.2e}")
-    assert "muon_learning_rate" not in optimizer_module.learning_rates(config._replace(optimizer="adamw"))
+    assert "muon_learning_rate" not in optimizer_module.learning_rates(
+        config._replace(optimizer="adamw"))
 
 
 def test_ema_logs_both_losses_of_the_averaged_params(tmp_path):

@@ -329,7 +329,8 @@ def test_bfloat16_compute_keeps_float32_params_and_matches_float32_loss(changes,
     assert cosine > 0.99, cosine
     # The other Linears return bfloat16; the logits keep float32's precision: few of them
     # are bfloat16 numbers.
-    logits = jax.jit(transformer.build(hp, VOCAB, kernels.Speed("bfloat16")).apply, static_argnums=3)(
+    model = transformer.build(hp, VOCAB, kernels.Speed("bfloat16"))
+    logits = jax.jit(model.apply, static_argnums=3)(
         params, None, tokens, False)
     assert np.mean(np.asarray(logits == logits.astype(jnp.bfloat16).astype(jnp.float32))) < 0.5
 

@@ -215,9 +215,11 @@ def test_default_text_is_the_validation_split_else_the_sample_context(streaming_
     assert "/nowhere/text.txt is missing" in capsys.readouterr().err
 
 
-KIND_OF = {"\n": "newline", " ": "space", **{c: "lower-case letters" for c in "abcdefghijlmnopqrstuvxyz"},
+KIND_OF = {"\n": "newline", " ": "space",
+           **{c: "lower-case letters" for c in "abcdefghijlmnopqrstuvxyz"},
            **{c: "capitals" for c in "ABCDEFGHIJLMNOPQRSTUVXYZ"},
-           **{c: "accented letters" for c in "ñÁóéÑáíú"}, **{c: "digits" for c in "0123456789"},
+           **{c: "accented letters" for c in "ñÁóéÑáíú"},
+           **{c: "digits" for c in "0123456789"},
            **{c: "punctuation" for c in ":;,.!¡?¿()-"}}
 
 
@@ -253,7 +255,8 @@ def test_every_figure_on_the_page_and_in_the_json_equals_a_computation_from_the_
     assert stats["mean_loss"] == pytest.approx(loss.mean(), rel=1e-5)
     assert stats["bits_per_char"] == pytest.approx(loss.mean() / np.log(2), rel=1e-5)
     html = open(out, encoding="utf-8").read()
-    assert f"Mean loss {loss.mean():.4f} nats per character ({loss.mean() / np.log(2):.3f} bits)" in html
+    assert (f"Mean loss {loss.mean():.4f} nats per character "
+            f"({loss.mean() / np.log(2):.3f} bits)") in html
     # Loss by kind of character, each row from the characters of that kind.
     kinds = [KIND_OF[c] for c in text[1:]]
     assert len(stats["by_kind"]) == len(set(kinds)) == 7
