@@ -30,11 +30,12 @@ def test_help_text_lists_each_field_with_type_default_and_whole_comment():
     assert "  --name='x'  (str)" in lines
 
 
-@pytest.mark.parametrize("script,configs", [
-    ("train.py", [train.CONFIG, transformer.HPARAMS]), ("eval.py", [evaluation.CONFIG]),
-    ("generate.py", [generate.CONFIG]), ("visualize.py", [visualize.CONFIG]),
-    ("bench.py", [transformer.HPARAMS]), ("data.py", [])])
-@pytest.mark.parametrize("flag", ["--help", "-h"])
+@pytest.mark.parametrize("script,configs,flag", [
+    ("train.py", [train.CONFIG, transformer.HPARAMS], "--help"),
+    ("train.py", [train.CONFIG, transformer.HPARAMS], "-h"),
+    ("eval.py", [evaluation.CONFIG], "-h"), ("generate.py", [generate.CONFIG], "--help"),
+    ("visualize.py", [visualize.CONFIG], "-h"), ("bench.py", [transformer.HPARAMS], "--help"),
+    ("data.py", [], "-h")])
 def test_every_script_answers_help_and_exits_0(script, configs, flag):
     result = run_script(script, flag, timeout=120)
     assert result.returncode == 0, result.stderr
