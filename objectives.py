@@ -17,6 +17,7 @@ train_step.make_train_step):
 The loss logged as training loss stays the next character's alone, as evaluation measures it.
 """
 
+import sys
 from typing import NamedTuple
 
 import haiku as hk
@@ -113,4 +114,10 @@ def teacher_targets(paths: str, ids: np.ndarray, vocab: str) -> np.ndarray:
     """[len(ids) - 1, V]: the mean of the teachers' (comma-separated params files)
     distributions of each next character (teacher_probs)."""
     teachers = load_teachers(paths, vocab)
+    for path, teacher in zip(paths.split(","), teachers):
+        if not transformer.is_streaming(teacher.hparams):
+            print(f"note: teacher {path} does not stream (positions="
+                  f"{teacher.hparams.positions!r}): each of the {len(ids) - 1:,} characters is "
+                  f"predicted from its own {teacher.hparams.max_seq_len}-character window, a "
+                  "pass each; a streaming teacher reads the text in one pass.", file=sys.stderr)
     return sum(teacher_probs(t, ids) for t in teachers) / len(teachers)

@@ -19,6 +19,7 @@ gives a whole text's logits by the same rule, for eval.py, distillation (objecti
 visualize.py. This module decides what each character sees; kv_cache.py how keys are kept.
 """
 
+import functools
 from typing import Callable, Iterator, NamedTuple
 
 import haiku as hk
@@ -190,8 +191,7 @@ def iter_next_logits(hp: transformer.HParams, vocab_size: int, params, ids: np.n
         chunk, context = STREAM_CHUNK, receptive_field(hp)
     else:  # positions 0..S-1 see all before them: one window; then one per character
         chunk, context = S, 0
-    model = transformer.build(hp, vocab_size)
-    forward = jax.jit(lambda p, x: model.apply(p, None, x[None], False)[0])
+    forward, last = _jitted_reads(hp, vocab_size)
     length = min(context + chunk, len(ids))
     for begin in range(0, len(ids) if streaming else min(S, len(ids)), chunk):
         low = max(0, begin - context)
@@ -200,8 +200,6 @@ def iter_next_logits(hp: transformer.HParams, vocab_size: int, params, ids: np.n
         yield np.asarray(out[begin - low: min(begin + chunk, len(ids)) - low])
     if streaming or len(ids) <= S:
         return
-    last_logits = build_last_logits(hp, vocab_size)
-    last = jax.jit(lambda p, xs: jax.lax.map(lambda x: last_logits.apply(p, None, x), xs))
     windows = np.lib.stride_tricks.sliding_window_view(ids, S)[1:]           # [N - S, S]
     for begin in range(0, len(windows), batch_size * 16):
         part = windows[begin: begin + batch_size * 16]
@@ -210,6 +208,17 @@ def iter_next_logits(hp: transformer.HParams, vocab_size: int, params, ids: np.n
             -1, batch_size, S)
         yield np.asarray(last(params, jnp.asarray(batches))).reshape(
             -1, vocab_size)[: len(part)]
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_reads(hp: transformer.HParams, vocab_size: int):
+    """(a pass over one text [T] -> logits [T, V], the last logits of batches of windows
+    [NB, B, S] -> [NB, B, V]), jitted once per model: eval, visualize and several teachers
+    reuse their compilations."""
+    model, last_logits = transformer.build(hp, vocab_size), build_last_logits(hp, vocab_size)
+    forward = jax.jit(lambda p, x: model.apply(p, None, x[None], False)[0])
+    last = jax.jit(lambda p, xs: jax.lax.map(lambda x: last_logits.apply(p, None, x), xs))
+    return forward, last
 
 
 def next_logits(hp: transformer.HParams, vocab_size: int, params,

@@ -53,8 +53,10 @@ def test_windowed_teacher_predicts_each_character_from_its_sampler_window():
     probs = objectives.teacher_probs(teacher, ids)
     model = transformer.build(TINY, len(VOCAB))
     T = TINY.max_seq_len
-    for i in range(39):
-        window = ids[max(0, i + 1 - T): i + 1]
+    first = softmax(model, teacher.params, ids[:T])  # position i < T sees ids[:i + 1]
+    np.testing.assert_allclose(probs[:T], first, atol=1e-5)
+    for i in range(T, 39):
+        window = ids[i + 1 - T: i + 1]
         np.testing.assert_allclose(probs[i], softmax(model, teacher.params, window)[-1],
                                    atol=1e-5)
 
