@@ -178,7 +178,8 @@ def bench_train(config, hp) -> dict:
                     f"train_{dtype}_gflops": tokens_per_s * flops / 1e9})
     # train.py's evaluation every eval_interval steps (float32: the validation split and as
     # many training windows of the corpus), the median of 3 after a compiling call.
-    evaluate = metrics.make_evaluate(hp, len(vocab), ids, train_config.eval_batch_size)
+    evaluate, _ = metrics.make_evaluate(hp, len(vocab), ids, train_config.eval_batch_size,
+                                        max_chars=train_config.eval_chars)
     params = objectives.model_params(state.params)
     out["train_eval_s"] = statistics.median(
         timed(lambda: jax.block_until_ready(evaluate(params)), 3))

@@ -50,6 +50,11 @@ class Config(NamedTuple):
                                    # validates (the fetched known texts: SHA-256 checked)
     eval_interval: int = 500       # steps between full evaluations and params files
     eval_batch_size: int = 32      # windows per step of the evaluation lax.map
+    eval_chars: int = 131_072      # characters each evaluation reads of the validation split:
+                                   # the whole split if it is no longer (Cervantes', Tiny
+                                   # Shakespeare's), else evenly spread windows, the same in
+                                   # every run of a text; as many of the training split.
+                                   # eval.py reads the whole split
     log_interval: int = 10         # steps between progress updates (each syncs the host)
     resume: str = ""               # params file (`params/params.<hash>.pkl`) to continue
     params_dir: str = "params"     # where params files and the loss plot go
@@ -116,7 +121,7 @@ def choose_preset(requested: str, platform: str | None = None) -> tuple[str, str
 def check_config(config: Config) -> None:
     """UserError naming the first field out of its range."""
     for name in ("batch_size", "max_iters", "eval_interval", "eval_batch_size",
-                 "log_interval"):
+                 "log_interval", "eval_chars"):
         if getattr(config, name) < 1:
             raise UserError(f"--{name}={getattr(config, name)}: must be >= 1.")
     for name in ("batch_size", "eval_batch_size"):

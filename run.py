@@ -79,6 +79,19 @@ class Run:
             checkpoint.save(path, hparams=self.hparams, vocab=self.vocab, meta=self.meta,
                             **arrays)
 
+    def evaluates(self, val_chars: int, split_chars: int) -> None:
+        """Says (and tells Aim) what each evaluation reads: the whole validation split, or a
+        fixed sample of it, val_chars of its split_chars predicted characters."""
+        whole = val_chars == split_chars
+        self.meta["eval_val_chars"] = val_chars
+        self.tracker.set("evaluation", {"val_chars": val_chars, "val_split_chars": split_chars,
+                                        "sample": not whole})
+        self.say(f"evaluation: the whole validation split ({val_chars:,} characters) and as "
+                 "many training characters" if whole else
+                 f"evaluation: a fixed sample of the validation split, {val_chars:,} of its "
+                 f"{split_chars:,} characters (--eval_chars), and as many training "
+                 "characters; eval.py reads the whole split")
+
     def stopped(self, step: int, signum: int | None) -> None:
         why = "" if signum is None else f"{signal.Signals(signum).name}: "
         self.say(f"{why}stopped at step {step}; saved {self.latest_path}. Resume with:\n"

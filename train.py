@@ -1,8 +1,8 @@
 """Train the character Transformer: `python train.py [--field=value ...]`.
 
 Each step is one jitted function (draw a batch on the device, the objectives' loss with
-dropout, the optimizer's update). Every eval_interval steps: the loss over the whole
-validation split and as many training windows, the latest params file, the best one
+dropout, the optimizer's update). Every eval_interval steps: the loss over the validation
+split (a fixed sample of it past eval_chars characters) and as many training windows, the latest params file, the best one
 (`.min_val.pkl`) when validation improves, one log line, and Aim metrics with a text sample.
 Ctrl-C or SIGTERM saves the latest params file and prints how to resume. The config and its
 recipes: recipes.py; the step: train_step.py; its loss: objectives.py; the optimizer:
@@ -112,8 +112,11 @@ def set_up(config: Config, hparams: transformer.HParams, entered: float) -> Setu
     run.say(f"run {run.hash}: {checkpoint.num_params(state.params):,} params, {len(vocab)} "
             f"characters, steps {int(state.step)} -> {config.max_iters}, params files "
             f"{run.latest_path}[.min_val.pkl]\ncompute dtype: {compute_dtype} ({why})")
-    evaluate = metrics.make_evaluate(hparams, len(vocab), ids, config.eval_batch_size,
-                                     NamedSharding(mesh, P(None, "data")))
+    evaluate, val_chars = metrics.make_evaluate(hparams, len(vocab), ids,
+                                                config.eval_batch_size,
+                                                NamedSharding(mesh, P(None, "data")),
+                                                config.eval_chars)
+    run.evaluates(val_chars, len(data.split(ids)[1]) - 1)
     sample = (make_sample(hparams, vocab, config.sample_chars)
               if config.sample_chars and run.tracker.run is not None else None)
     teacher = None

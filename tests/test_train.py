@@ -789,3 +789,32 @@ def test_every_evaluation_line_reports_the_speed_of_the_steps_before_it(tmp_path
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert [int(line.split()[1]) for line in lines] == [10, 20, 25]
     assert all(float(line.split(" | ")[3].removesuffix(" tok/s")) > 0 for line in lines)
+
+
+def test_evaluation_reads_a_fixed_evenly_spread_sample_past_eval_chars(tmp_path, capsys):
+    """A validation split longer than eval_chars: evaluation reads eval_chars // T of its
+    windows, spread evenly from its first to its last, the same each time, and as many
+    training windows; the run says so. Cervantes' split is read whole at the default."""
+    ids = np.asarray(data.encode(data.read_text(CORPUS), data.build_vocab(
+        data.read_text(CORPUS))))
+    T = TINY.max_seq_len
+    whole_train, whole_val = metrics.split_windows(ids, T)
+    train_part, val = metrics.split_windows(ids, T, max_chars=10 * T)
+    assert len(val.inputs) == len(train_part.inputs) == 10
+    picked = [int(np.flatnonzero((whole_val.inputs == row).all(1))[0]) for row in val.inputs]
+    assert picked[0] == 0 and picked[-1] == len(whole_val.inputs) - 1
+    gaps = np.diff(picked)
+    assert gaps.max() - gaps.min() <= 1  # evenly spread
+    again = metrics.split_windows(ids, T, max_chars=10 * T)[1]
+    np.testing.assert_array_equal(again.inputs, val.inputs)
+    default = metrics.split_windows(ids, metrics.EVAL_SEQ_LEN, train.CONFIG.eval_chars)
+    full = metrics.split_windows(ids, metrics.EVAL_SEQ_LEN)
+    for a, b in zip(default, full):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+    meta = train.train(tiny_config(tmp_path, max_iters=2, eval_interval=2,
+                                   eval_chars=10 * T), TINY)
+    counted = int(val.weights.sum())  # the split's last window is partial
+    assert meta["eval_val_chars"] == counted and 9 * T < counted <= 10 * T
+    assert (f"a fixed sample of the validation split, {counted:,} of its "
+            f"{len(data.split(ids)[1]) - 1:,} characters") in capsys.readouterr().err
