@@ -52,23 +52,31 @@ def mean_loss(window_loss, params, batches: data.Windows) -> float:
     return float(total) / float(count)
 
 
-def split_windows(ids: np.ndarray, seq_len: int) -> tuple[data.Windows, data.Windows]:
-    """(train, val) evaluation windows: the whole validation split, and as many windows
-    spread evenly over the training split."""
+def split_windows(ids: np.ndarray, seq_len: int,
+                  max_chars: int | None = None) -> tuple[data.Windows, data.Windows]:
+    """(train, val) evaluation windows: the whole validation split or, where it holds more
+    than max_chars characters, max_chars // seq_len of its windows spread evenly over it
+    (always the same ones); and as many windows spread evenly over the training split."""
     train_ids, val_ids = data.split(ids)
     val = data.eval_windows(val_ids, seq_len)
+    if max_chars is not None and val.weights.sum() > max_chars:
+        keep = np.linspace(0, len(val.inputs) - 1, max(1, max_chars // seq_len))
+        val = data.Windows(*(a[np.round(keep).astype(int)] for a in val))
     every = max(1, (len(train_ids) - 1) // seq_len // len(val.inputs))
     train = data.eval_windows(train_ids, seq_len, every)
     return data.Windows(*(a[: len(val.inputs)] for a in train)), val
 
 
 def make_evaluate(hp: transformer.HParams, vocab_size: int, ids: np.ndarray,
-                  batch_size: int, sharding: jax.sharding.Sharding | None = None):
-    """params -> (train_loss, val_loss): the whole validation split, and as many training
-    windows, in eval.py's windows and float32; with `sharding` (over the batch axis of
-    [batches, batch, T]), each batch split across devices."""
-    windows = split_windows(ids, window_len(hp))
+                  batch_size: int, sharding: jax.sharding.Sharding | None = None,
+                  max_chars: int | None = None):
+    """(params -> (train_loss, val_loss), the validation characters it counts): the
+    validation split (or its windows of split_windows' sample, with max_chars) and as many
+    training windows, in eval.py's windows and float32; with `sharding` (over the batch axis
+    of [batches, batch, T]), each batch split across devices."""
+    windows = split_windows(ids, window_len(hp), max_chars)
     train_batches, val_batches = (data.batch_windows(w, batch_size, sharding) for w in windows)
     window_loss = make_window_loss(transformer.build(hp, vocab_size))
-    return lambda params: (mean_loss(window_loss, params, train_batches),
-                           mean_loss(window_loss, params, val_batches))
+    evaluate = lambda params: (mean_loss(window_loss, params, train_batches),
+                               mean_loss(window_loss, params, val_batches))
+    return evaluate, int(windows[1].weights.sum())

@@ -92,7 +92,7 @@ class Reader:
 
     def __init__(self, hp: transformer.HParams, vocab_size: int,
                  prefill_chunk: int = PREFILL_CHUNK):
-        self.hp, self.vocab_size, self.prefill_chunk = hp, vocab_size, prefill_chunk
+        self.hp, self.prefill_chunk = hp, prefill_chunk
         self.streaming = transformer.is_streaming(hp)
         self.cached = transformer.build_cached(hp, vocab_size)
         self.last_logits = build_last_logits(hp, vocab_size)
