@@ -39,6 +39,11 @@ STREAM_CHUNK = 8192  # positions per forward pass of a streaming model's next_lo
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
+def compiler_options() -> dict | None:
+    """The sampling jits' compiler options on this backend: CPU_COMPILER_OPTIONS on a CPU."""
+    return CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+
+
 def receptive_field(hp: transformer.HParams) -> int | None:
     """How many of the last characters the next character's logits depend on (None without a
     window: every one). With a window W each decoder layer looks W - 1 positions further back,
@@ -96,7 +101,7 @@ class Reader:
         self.streaming = transformer.is_streaming(hp)
         self.cached = transformer.build_cached(hp, vocab_size)
         self.last_logits = build_last_logits(hp, vocab_size)
-        options = CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+        options = compiler_options()
         self.prefill = jax.jit(self._prefill_window, compiler_options=options)
         self.read_chunk = jax.jit(self._read_context_chunk, compiler_options=options)
 

@@ -64,9 +64,8 @@ class Sampler:
         self.reader = reader.Reader(hparams, vocab_size, prefill_chunk)
         self.vocab_size, self.chunk = vocab_size, chunk
         self.rule = (temperature, top_k, top_p, min_p)  # pick's
-        options = reader.CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
         self.sample_chunk = jax.jit(self._sample_chunk, static_argnames="cached",
-                                    compiler_options=options)
+                                    compiler_options=reader.compiler_options())
         self.draw_noise = jax.jit(self._draw_noise, static_argnames=("size", "num_samples"))
 
     def _draw_noise(self, key: jax.Array, first: jax.Array, size: int, num_samples: int):

@@ -84,11 +84,12 @@ def set_up(config: Config, hparams: transformer.HParams, entered: float) -> Setu
     hparams, vocab = (ckpt.hparams, ckpt.vocab) if ckpt else (hparams, data.build_vocab(text))
     compute_dtype, why = kernels.choose_compute_dtype(config.compute_dtype)
     weights = objectives.Weights(config.ahead_loss, config.distill_weight)
-    loss = objectives.loss_fn(hparams, len(vocab), weights, kernels.Speed(compute_dtype))
+    loss_fn = objectives.loss_fn(hparams, len(vocab), weights, kernels.Speed(compute_dtype))
+    loss = hk.transform(loss_fn)
     dummy = jnp.zeros((1, hparams.max_seq_len), jnp.int32)
-    optimizer = make_optimizer(config, hidden_matrices(loss, dummy, dummy))
+    optimizer = make_optimizer(config, hidden_matrices(loss_fn, dummy, dummy))
     state = (resumed_state(config, ckpt, optimizer) if ckpt else
-             init_state(config.prng_seed, hk.transform(loss), optimizer, hparams.max_seq_len))
+             init_state(config.prng_seed, loss, optimizer, hparams.max_seq_len))
     meta = ckpt.meta if ckpt else {}  # run_hash, history, min_val_loss, ... of a resumed run
     data.check_splits(config.source_file, len(text), hparams.max_seq_len + 1,
                       metrics.window_len(hparams) + 1)
@@ -102,7 +103,7 @@ def set_up(config: Config, hparams: transformer.HParams, entered: float) -> Setu
     replicated = NamedSharding(mesh, P())
     shuffle_key = (jax.random.fold_in(jax.random.PRNGKey(config.prng_seed), 1)
                    if config.batches == "shuffled" else None)
-    train_step = make_train_step(hk.transform(loss), optimizer, config.batch_size,
+    train_step = make_train_step(loss, optimizer, config.batch_size,
                                  hparams.max_seq_len, NamedSharding(mesh, P("data")),
                                  shuffle_key)
     state = jax.tree.map(lambda x: data.put(np.asarray(x), replicated), state)
