@@ -1,6 +1,7 @@
 """What the scripts share: user errors, `--name=value` overrides and `--help`, atomic file
 writes, Ctrl-C."""
 
+import contextlib
 import inspect
 import os
 import secrets
@@ -117,7 +118,14 @@ def format_config(config: NamedTuple) -> str:
 
 
 def atomic_write(path: str, data: bytes) -> None:
-    """Writes `data` to `path` so that readers see the old file or the new one, never a part.
+    """Writes `data` to `path` so that readers see the old file or the new one, never a part."""
+    with atomic_file(path) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str):
+    """A binary file to write that appears at `path` whole when the block ends, or not at all.
 
     Temporary file in the same folder, flush, fsync, then os.replace (atomic on POSIX). The
     temporary file is created with mode 0o666 so that the umask applies, as for a plain
@@ -129,7 +137,7 @@ def atomic_write(path: str, data: bytes) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -47,9 +47,10 @@ CORPUS_SHA256 = TEXTS["novelas"].sha256
 CORPUS_URL = TEXTS["novelas"].url
 TRAIN_FRACTION = 0.9  # first 90% trains, the last 10% (the end of the text) validates
 BYTE_ORDER_MARK = "\ufeff"
+UNKNOWN = "\ufffd"  # U+FFFD: in a bounded vocabulary (encoding.py), every character it lacks
 
 
-def _known(path: str) -> KnownText | None:
+def known_text(path: str) -> KnownText | None:
     """The known text that `path` is the fetched file of (same place), if any."""
     for text in TEXTS.values():
         if os.path.abspath(path) == os.path.abspath(text.file):
@@ -77,7 +78,7 @@ def read_text(path: str) -> str:
     tinyshakespeare.txt in this folder) has its SHA-256 checked; any other file is the user's.
     UserError, naming the file and what to do, if it is missing, unreadable, not UTF-8 or
     empty."""
-    known = _known(path)
+    known = known_text(path)
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -137,13 +138,18 @@ def _code_points(text: str) -> np.ndarray:
 
 
 def encode(text: str, vocab: str) -> np.ndarray:
-    """Character ids of `text` as int32; UserError lists every character not in `vocab`."""
+    """Character ids of `text` as int32. A character not in `vocab` reads as its UNKNOWN
+    where it has one; else UserError lists every such character."""
     vocab_codes = _code_points(vocab)
     order = np.argsort(vocab_codes)
     codes = _code_points(text)
     slots = np.minimum(np.searchsorted(vocab_codes[order], codes), len(vocab) - 1)
     ids = order[slots]
-    unknown = sorted(set(text[i] for i in np.flatnonzero(vocab_codes[ids] != codes)))
+    missing = vocab_codes[ids] != codes
+    if UNKNOWN in vocab:
+        ids[missing] = vocab.index(UNKNOWN)
+        missing[:] = False
+    unknown = sorted(set(text[i] for i in np.flatnonzero(missing)))
     if unknown:
         listed = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in unknown)
         raise UserError(f"{len(unknown)} character(s) not in the model's vocabulary: {listed}.")
@@ -209,7 +215,7 @@ def shuffled_starts(key: jax.Array, step: jax.Array, num_ids: int, batch_size: i
 
 def window_batch(ids: jax.Array, starts: jax.Array, seq_len: int):
     """The windows at `starts` [B], on the device: inputs [B, T] and targets shifted by one."""
-    windows = ids[starts[:, None] + jnp.arange(seq_len + 1)]          # [B, T+1]
+    windows = ids[starts[:, None] + jnp.arange(seq_len + 1)].astype(jnp.int32)  # [B, T+1]
     return windows[:, :-1], windows[:, 1:]
 
 
@@ -220,21 +226,19 @@ class Windows(NamedTuple):
     weights: np.ndarray  # [W, T] float32: 1 where a target counts, 0 on padding
 
 
-def eval_windows(ids: np.ndarray, seq_len: int, every: int = 1) -> Windows:
+def eval_windows(ids: np.ndarray, seq_len: int, keep: np.ndarray | None = None) -> Windows:
     """Non-overlapping windows predicting every id after the first exactly once.
 
     Window w predicts ids[w*T+1 : w*T+T+1] from ids[w*T : w*T+T]; the last, shorter window is
-    zero-padded and its padding weighs 0. `every` keeps one window in `every` (a fixed,
-    evenly spread subset, for a training-split estimate the size of the validation split).
+    zero-padded and its padding weighs 0. `keep` (window numbers) cuts only those: a fixed
+    sample of a long split, in memory of the sample's size.
     """
     num_windows = -(-(len(ids) - 1) // seq_len)  # ceil
-    padded = np.zeros(num_windows * seq_len + 1, np.int32)
-    padded[: len(ids)] = ids
-    weights = np.zeros(num_windows * seq_len, np.float32)
-    weights[: len(ids) - 1] = 1.0
-    inputs = padded[:-1].reshape(num_windows, seq_len)[::every]
-    targets = padded[1:].reshape(num_windows, seq_len)[::every]
-    return Windows(inputs, targets, weights.reshape(num_windows, seq_len)[::every])
+    keep = np.arange(num_windows) if keep is None else np.asarray(keep)
+    at = keep[:, None] * seq_len + np.arange(seq_len + 1)                  # [W, T+1]
+    inside = at < len(ids)
+    windows = np.where(inside, ids[np.minimum(at, len(ids) - 1)], 0).astype(np.int32)
+    return Windows(windows[:, :-1], windows[:, 1:], inside[:, 1:].astype(np.float32))
 
 
 def put(array: np.ndarray, sharding: jax.sharding.Sharding | None = None) -> jax.Array:

@@ -8,12 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm import tqdm
 
 import data
 import transformer
 
 EVAL_SEQ_LEN = 128  # the project's metric: windows of 128 characters, whatever max_seq_len
 NANOGPT_SEQ_LEN = 256  # nanoGPT's shakespeare_char block_size: val_loss_256
+PROGRESS_BATCHES = 256  # eval.py on a long text: batches per call, between progress updates
 
 
 def window_len(hp: transformer.HParams) -> int:
@@ -46,25 +48,35 @@ def make_window_loss(model: hk.Transformed):
     return window_loss
 
 
-def mean_loss(window_loss, params, batches: data.Windows) -> float:
-    """Mean nats per counted character over all `batches`."""
-    total, count = window_loss(params, batches)
-    return float(total) / float(count)
+def mean_loss(window_loss, params, batches: data.Windows, desc: str | None = None) -> float:
+    """Mean nats per counted character over all `batches`; with `desc`, a long split's are
+    read PROGRESS_BATCHES at a time behind a progress bar of that name."""
+    group = len(batches.inputs) if desc is None else PROGRESS_BATCHES
+    total = count = 0.0
+    for begin in tqdm(range(0, len(batches.inputs), group), desc=desc, leave=False,
+                      disable=True if len(batches.inputs) <= group else None):
+        part_total, part_count = window_loss(params, data.Windows(
+            *(a[begin: begin + group] for a in batches)))
+        total, count = total + float(part_total), count + float(part_count)
+    return total / count
 
 
 def split_windows(ids: np.ndarray, seq_len: int,
                   max_chars: int | None = None) -> tuple[data.Windows, data.Windows]:
     """(train, val) evaluation windows: the whole validation split or, where it holds more
     than max_chars characters, max_chars // seq_len of its windows spread evenly over it
-    (always the same ones); and as many windows spread evenly over the training split."""
+    (always the same ones); and as many windows spread evenly over the training split. Only
+    the windows kept are cut: memory of the sample, not of the text."""
     train_ids, val_ids = data.split(ids)
-    val = data.eval_windows(val_ids, seq_len)
-    if max_chars is not None and val.weights.sum() > max_chars:
-        keep = np.linspace(0, len(val.inputs) - 1, max(1, max_chars // seq_len))
-        val = data.Windows(*(a[np.round(keep).astype(int)] for a in val))
-    every = max(1, (len(train_ids) - 1) // seq_len // len(val.inputs))
-    train = data.eval_windows(train_ids, seq_len, every)
-    return data.Windows(*(a[: len(val.inputs)] for a in train)), val
+    num_val = -(-(len(val_ids) - 1) // seq_len)  # every window of the split
+    keep = np.arange(num_val)
+    if max_chars is not None and len(val_ids) - 1 > max_chars:
+        keep = np.round(np.linspace(0, num_val - 1, max(1, max_chars // seq_len))).astype(int)
+    every = max(1, (len(train_ids) - 1) // seq_len // len(keep))
+    num_train = -(-(len(train_ids) - 1) // seq_len)
+    train_keep = np.arange(0, num_train, every)[: len(keep)]
+    return (data.eval_windows(train_ids, seq_len, train_keep),
+            data.eval_windows(val_ids, seq_len, keep))
 
 
 def make_evaluate(hp: transformer.HParams, vocab_size: int, ids: np.ndarray,

@@ -10,19 +10,17 @@ train_step.make_train_step):
   better than any of its members, and a student trained on the ensemble's predicted
   distributions keeps much of that gain in one model (Kim et al. 2025, arXiv 2509.14786).
   `train.py --teachers=A,B` reads each teacher's distribution of the next character at every
-  position of the training split (reader.py: as its sampler would) and averages them
-  (teacher_targets); `distill_weight` of the next character's cross-entropy is then taken
-  against that distribution instead.
+  position of each training batch, in the step (reader.py: a streaming teacher as its
+  sampler would), and averages them (make_teachers); `distill_weight` of the next
+  character's cross-entropy is then taken against that distribution instead.
 
 The loss logged as training loss stays the next character's alone, as evaluation measures it.
 """
 
-import sys
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import haiku as hk
 import jax
-import numpy as np
 import optax
 
 import checkpoint
@@ -103,21 +101,26 @@ def load_teachers(paths: str, vocab: str) -> list[checkpoint.Checkpoint]:
     return teachers
 
 
-def teacher_probs(ckpt: checkpoint.Checkpoint, ids: np.ndarray) -> np.ndarray:
-    """[len(ids) - 1, V] float32: the teacher's distribution of ids[t + 1] at each t, given
-    what its sampler would give it (reader.py)."""
-    logits = reader.next_logits(ckpt.hparams, len(ckpt.vocab), ckpt.params, ids[:-1])
-    return np.asarray(jax.nn.softmax(logits))
+class Teachers(NamedTuple):
+    params: tuple                # each teacher's params, on the device: the step's argument
+    targets: Callable            # jittable (params, train_ids, starts [B]) -> [B, T, V]
 
 
-def teacher_targets(paths: str, ids: np.ndarray, vocab: str) -> np.ndarray:
-    """[len(ids) - 1, V]: the mean of the teachers' (comma-separated params files)
-    distributions of each next character (teacher_probs)."""
+def make_teachers(paths: str, vocab: str, seq_len: int) -> Teachers:
+    """The teachers (comma-separated params files) and their averaged distribution of each
+    next character of a batch's windows (seq_len from each start), computed in the step from
+    the windows it draws: memory of a batch, whatever the text's length. Each predicts as
+    reader.make_window_logits reads: a streaming teacher as its sampler would (all it can
+    see of the text before), any other from the window alone."""
     teachers = load_teachers(paths, vocab)
     for path, teacher in zip(paths.split(","), teachers):
-        if not transformer.is_streaming(teacher.hparams):
-            print(f"note: teacher {path} does not stream (positions="
-                  f"{teacher.hparams.positions!r}): each of the {len(ids) - 1:,} characters is "
-                  f"predicted from its own {teacher.hparams.max_seq_len}-character window, a "
-                  "pass each; a streaming teacher reads the text in one pass.", file=sys.stderr)
-    return sum(teacher_probs(t, ids) for t in teachers) / len(teachers)
+        if not transformer.is_streaming(teacher.hparams) and teacher.hparams.max_seq_len < seq_len:
+            raise UserError(f"--teachers: {path!r} reads {teacher.hparams.max_seq_len} "
+                            f"characters, fewer than the student's windows of {seq_len}.")
+    reads = [reader.make_window_logits(t.hparams, len(vocab), seq_len) for t in teachers]
+
+    def targets(params, train_ids, starts):
+        probs = [jax.nn.softmax(read(p, train_ids, starts)) for read, p in zip(reads, params)]
+        return sum(probs) / len(probs)
+
+    return Teachers(tuple(jax.device_put(t.params) for t in teachers), targets)

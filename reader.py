@@ -187,6 +187,26 @@ class Reader:
         return state._replace(window=window, logits=logits)
 
 
+def make_window_logits(hp: transformer.HParams, vocab_size: int, seq_len: int):
+    """(params, ids [N], starts [B]) -> logits [B, seq_len, V] after each of
+    ids[s : s + seq_len], jittable, for distillation's teachers on a training batch: a
+    streaming model reads the receptive field before each window with it, so each row equals
+    next_logits' of the whole text (up to rounding); any other model reads the window alone,
+    as it was trained (positions 0..seq_len-1, seq_len at most max_seq_len)."""
+    model = transformer.build(hp, vocab_size)
+    context = receptive_field(hp) if transformer.is_streaming(hp) else 0
+
+    def window_logits(params, ids, starts):
+        low = jnp.maximum(starts - context, 0)                                # [B]
+        at = low[:, None] + jnp.arange(context + seq_len)                     # [B, C+T]
+        tokens = ids[jnp.minimum(at, ids.shape[0] - 1)].astype(jnp.int32)     # past the end:
+        logits = model.apply(params, None, tokens, False)                     # unseen (causal)
+        wanted = (starts - low)[:, None] + jnp.arange(seq_len)                # [B, T]
+        return jnp.take_along_axis(logits, wanted[..., None], axis=1)         # [B, T, V]
+
+    return window_logits
+
+
 def iter_next_logits(hp: transformer.HParams, vocab_size: int, params, ids: np.ndarray,
                      batch_size: int = 64) -> Iterator[np.ndarray]:
     """next_logits in consecutive pieces [n, V], in bounded memory."""

@@ -48,6 +48,8 @@ class Config(NamedTuple):
     prng_seed: int = 6436          # initialization, batches and dropout all follow from it
     source_file: str = data.CORPUS_FILE  # any UTF-8 text: the first 90% trains, the rest
                                    # validates (the fetched known texts: SHA-256 checked)
+    min_char_count: int = 1        # the vocabulary: the characters seen at least this often;
+                                   # the rest read as one unknown symbol (encoding.py)
     eval_interval: int = 500       # steps between full evaluations and params files
     eval_batch_size: int = 32      # windows per step of the evaluation lax.map
     eval_chars: int = 131_072      # characters each evaluation reads of the validation split:
@@ -121,7 +123,7 @@ def choose_preset(requested: str, platform: str | None = None) -> tuple[str, str
 def check_config(config: Config) -> None:
     """UserError naming the first field out of its range."""
     for name in ("batch_size", "max_iters", "eval_interval", "eval_batch_size",
-                 "log_interval", "eval_chars"):
+                 "log_interval", "eval_chars", "min_char_count"):
         if getattr(config, name) < 1:
             raise UserError(f"--{name}={getattr(config, name)}: must be >= 1.")
     for name in ("batch_size", "eval_batch_size"):

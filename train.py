@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import checkpoint
 import data
+import encoding
 import kernels
 import metrics
 import objectives
@@ -60,14 +61,28 @@ def resumed_state(config: Config, ckpt: checkpoint.Checkpoint, optimizer) -> Tra
     return TrainState(params, opt_state, jnp.asarray(ckpt.rng), jnp.int32(ckpt.meta["step"]))
 
 
+def read_text(config: Config, hparams: transformer.HParams, vocab: str | None):
+    """config.source_file as ids (encoding.load: against a resumed run's `vocab`, else its
+    own), checked to hold the windows that training and evaluation cut."""
+    text = encoding.load(config.source_file, vocab, config.min_char_count)
+    data.check_splits(config.source_file, len(text.ids), hparams.max_seq_len + 1,
+                      metrics.window_len(hparams) + 1)
+    num_train = len(data.split(text.ids)[0])
+    if (config.batches == "shuffled"
+            and data.windows_per_pass(num_train, hparams.max_seq_len) < config.batch_size):
+        raise UserError(f"--batches=shuffled: the training split holds fewer than "
+                        f"batch_size={config.batch_size} windows of {hparams.max_seq_len}.")
+    return text
+
+
 class Setup(NamedTuple):
     """What the loop needs: set_up makes it."""
     config: Config
     hparams: transformer.HParams  # the run's (a resumed run's come from its file)
     state: TrainState             # on the devices, replicated
-    train_step: Callable          # jitted (state, train_ids, teacher) -> (state, metrics)
+    train_step: Callable          # jitted (state, train_ids, teachers) -> (state, metrics)
     train_ids: jax.Array          # the training split, on every device
-    teacher: jax.Array | None     # with --teachers: their averaged predictions of train_ids
+    teachers: tuple | None        # with --teachers: their params (the step predicts with them)
     evaluate: Callable            # params -> (train_loss, val_loss) over the fixed windows
     sample: Callable | None       # (params, step) -> a text sample for Aim, or None
     run: Run
@@ -76,12 +91,14 @@ class Setup(NamedTuple):
 def set_up(config: Config, hparams: transformer.HParams, entered: float) -> Setup:
     """The text (checked), the starting state (fresh or resumed), the jitted step and the
     evaluation on the devices' mesh, and the run's record."""
-    text = data.read_text(config.source_file)
     ckpt = checkpoint.load(config.resume) if config.resume else None
     if ckpt is not None and hparams not in (transformer.HPARAMS, ckpt.hparams):
         raise UserError(f"--resume={config.resume}: the model's HPARAMS come from the params "
                         f"file ({ckpt.hparams}); drop the model overrides.")
-    hparams, vocab = (ckpt.hparams, ckpt.vocab) if ckpt else (hparams, data.build_vocab(text))
+    hparams = ckpt.hparams if ckpt else hparams
+    text = read_text(config, hparams, ckpt and ckpt.vocab)
+    ids, vocab = text.ids, text.vocab
+    train_ids, val_ids = data.split(ids)
     compute_dtype, why = kernels.choose_compute_dtype(config.compute_dtype)
     weights = objectives.Weights(config.ahead_loss, config.distill_weight)
     loss_fn = objectives.loss_fn(hparams, len(vocab), weights, kernels.Speed(compute_dtype))
@@ -90,43 +107,33 @@ def set_up(config: Config, hparams: transformer.HParams, entered: float) -> Setu
     optimizer = make_optimizer(config, hidden_matrices(loss_fn, dummy, dummy))
     state = (resumed_state(config, ckpt, optimizer) if ckpt else
              init_state(config.prng_seed, loss, optimizer, hparams.max_seq_len))
-    meta = ckpt.meta if ckpt else {}  # run_hash, history, min_val_loss, ... of a resumed run
-    data.check_splits(config.source_file, len(text), hparams.max_seq_len + 1,
-                      metrics.window_len(hparams) + 1)
-    ids = data.encode(text, vocab)
-    train_ids, _ = data.split(ids)
-    if (config.batches == "shuffled"
-            and data.windows_per_pass(len(train_ids), hparams.max_seq_len) < config.batch_size):
-        raise UserError(f"--batches=shuffled: the training split holds fewer than "
-                        f"batch_size={config.batch_size} windows of {hparams.max_seq_len}.")
+    teachers = (objectives.make_teachers(config.teachers, vocab, hparams.max_seq_len)
+                if config.teachers else None)
     mesh = make_mesh()
     replicated = NamedSharding(mesh, P())
     shuffle_key = (jax.random.fold_in(jax.random.PRNGKey(config.prng_seed), 1)
                    if config.batches == "shuffled" else None)
-    train_step = make_train_step(loss, optimizer, config.batch_size,
-                                 hparams.max_seq_len, NamedSharding(mesh, P("data")),
-                                 shuffle_key)
+    train_step = make_train_step(loss, optimizer, config.batch_size, hparams.max_seq_len,
+                                 NamedSharding(mesh, P("data")), shuffle_key,
+                                 teachers and teachers.targets)
     state = jax.tree.map(lambda x: data.put(np.asarray(x), replicated), state)
-    run = Run(config, hparams, vocab, meta, compute_dtype,
-              started=entered - meta.get("wall_s", 0.0),  # the run's, compiles included
+    run = Run(config, hparams, vocab, ckpt.meta if ckpt else {}, compute_dtype,
+              started=entered - (ckpt.meta.get("wall_s", 0.0) if ckpt else 0.0),
               is_main=jax.process_index() == 0)  # only process 0 writes files and tracks
-    run.say(f"run {run.hash}: {checkpoint.num_params(state.params):,} params, {len(vocab)} "
-            f"characters, steps {int(state.step)} -> {config.max_iters}, params files "
+    run.say(f"run {run.hash}: {checkpoint.num_params(state.params):,} params, {text.note}, "
+            f"steps {int(state.step)} -> {config.max_iters}, params files "
             f"{run.latest_path}[.min_val.pkl]\ncompute dtype: {compute_dtype} ({why})")
     evaluate, val_chars = metrics.make_evaluate(hparams, len(vocab), ids,
                                                 config.eval_batch_size,
                                                 NamedSharding(mesh, P(None, "data")),
                                                 config.eval_chars)
-    run.evaluates(val_chars, len(data.split(ids)[1]) - 1)
+    run.evaluates(val_chars, len(val_ids) - 1)
+    if teachers:
+        run.say(f"teachers: {config.teachers} (distill_weight {config.distill_weight})")
     sample = (make_sample(hparams, vocab, config.sample_chars)
               if config.sample_chars and run.tracker.run is not None else None)
-    teacher = None
-    if config.teachers:
-        teacher = data.put(objectives.teacher_targets(config.teachers, train_ids, vocab),
-                           replicated)
-        run.say(f"teachers: {config.teachers} (distill_weight {config.distill_weight})")
-    return Setup(config, hparams, state, train_step, data.put(train_ids, replicated), teacher,
-                 evaluate, sample, run)
+    return Setup(config, hparams, state, train_step, data.put(train_ids, replicated),
+                 teachers and teachers.params, evaluate, sample, run)
 
 
 def make_sample(hparams: transformer.HParams, vocab: str, num_chars: int) -> Callable:
@@ -175,7 +182,7 @@ def train(config: Config, hparams: transformer.HParams, stop_at: int | None = No
     try:
         with StopRequest() as stop:
             while step < config.max_iters and stop.signum is None and step != stop_at:
-                state, step_metrics = setup.train_step(state, setup.train_ids, setup.teacher)
+                state, step_metrics = setup.train_step(state, setup.train_ids, setup.teachers)
                 step += 1
                 speed.steps += 1
                 bar.update(1)

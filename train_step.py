@@ -3,7 +3,7 @@ batch drawn on the device, the objectives' gradients, the optimizer), split acro
 train.py runs it in its loop; bench.py times it.
 """
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import haiku as hk
 import jax
@@ -28,31 +28,33 @@ def make_mesh() -> jax.sharding.Mesh:
 
 def make_train_step(loss: hk.Transformed, optimizer, batch_size: int, seq_len: int,
                     batch_sharding: jax.sharding.Sharding | None = None,
-                    shuffle_key: jax.Array | None = None):
-    """jitted (state, train_ids[, teacher]) -> (state, metrics): one optimizer step of
+                    shuffle_key: jax.Array | None = None, soft_targets: Callable | None = None):
+    """jitted (state, train_ids[, teacher_params]) -> (state, metrics): one optimizer step of
     `loss` (objectives.build_loss) on a batch of random windows or, with `shuffle_key`, on
-    the next batch of data.shuffled_starts's passes; `teacher` ([len(train_ids) - 1, V]:
-    objectives.teacher_targets) gives each position's soft target. metrics["loss"] is the
-    next character's alone, as evaluation measures it.
+    the next batch of data.shuffled_starts's passes; `soft_targets` (objectives.Teachers'
+    targets: (teacher_params, train_ids, starts) -> [B, T, V]) gives each position's soft
+    target. metrics["loss"] is the next character's alone, as evaluation measures it.
 
     With `batch_sharding`, the batch is split across the mesh and, since the state is
     replicated, XLA all-reduces the gradients: plain data parallelism.
     """
-    def train_step(state: TrainState, train_ids: jax.Array, teacher: jax.Array | None = None):
+    def train_step(state: TrainState, train_ids: jax.Array, teacher_params=None):
         rng, batch_key, dropout_key = jax.random.split(state.rng, 3)
         if shuffle_key is None:
             starts = data.sample_starts(batch_key, train_ids.shape[0], batch_size, seq_len)
         else:
             starts = data.shuffled_starts(shuffle_key, state.step, train_ids.shape[0],
                                           batch_size, seq_len)
+        if batch_sharding is not None:  # each device reads its share of the windows
+            starts = jax.lax.with_sharding_constraint(starts, batch_sharding)
         inputs, targets = data.window_batch(train_ids, starts, seq_len)
-        soft_targets = (None if teacher is None else
-                        teacher[starts[:, None] + jnp.arange(seq_len)])     # [B, T, V]
+        soft = (None if teacher_params is None else
+                soft_targets(teacher_params, train_ids, starts))                 # [B, T, V]
         if batch_sharding is not None:
-            inputs, targets, soft_targets = jax.lax.with_sharding_constraint(
-                (inputs, targets, soft_targets), batch_sharding)
+            inputs, targets, soft = jax.lax.with_sharding_constraint(
+                (inputs, targets, soft), batch_sharding)
         (_, next_loss), grads = jax.value_and_grad(loss.apply, has_aux=True)(
-            state.params, dropout_key, inputs, targets, soft_targets)
+            state.params, dropout_key, inputs, targets, soft)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": next_loss, "grad_norm": optax.tree.norm(grads)}
