@@ -161,9 +161,9 @@ def load(path: str, vocab: str | None = None, min_count: int = 1) -> Text:
     counts, ids, own = _encoded(path)
     target = vocab if vocab is not None else bounded_vocab(own, counts, min_count)
     ids = remap(ids, own, target)
-    dropped = [n for c, n in zip(own, counts) if c not in target or c == UNKNOWN]
+    dropped = [n for c, n in zip(own, counts) if c not in target]
     note = f"{len(target):,} characters"
     if dropped and vocab is None:
-        note += (f": the {len(own) - len(target) + 1:,} seen fewer than {min_count:,} times "
+        note += (f": the {len(dropped):,} seen fewer than {min_count:,} times "
                  f"({sum(dropped) / len(ids):.3%} of the text) read as {UNKNOWN!r} (U+FFFD)")
     return Text(ids, target, note)

@@ -21,6 +21,7 @@ from typing import Callable, NamedTuple
 
 import haiku as hk
 import jax
+import jax.numpy as jnp
 import optax
 
 import checkpoint
@@ -120,7 +121,8 @@ def make_teachers(paths: str, vocab: str, seq_len: int) -> Teachers:
     reads = [reader.make_window_logits(t.hparams, len(vocab), seq_len) for t in teachers]
 
     def targets(params, train_ids, starts):
-        probs = [jax.nn.softmax(read(p, train_ids, starts)) for read, p in zip(reads, params)]
+        probs = [jax.nn.softmax(read(p, train_ids, starts).astype(jnp.float32))
+                 for read, p in zip(reads, params)]
         return sum(probs) / len(probs)
 
     return Teachers(tuple(jax.device_put(t.params) for t in teachers), targets)

@@ -245,13 +245,14 @@ def test_eval_windows_cover_every_target_once(length):
     assert not windows.targets.reshape(-1)[length - 1:].any()
 
 
-def test_eval_windows_every():
-    seq_len, every = 4, 5
-    ids = np.arange(100, 100 + 42, dtype=np.int32)  # 41 targets: 11 windows, the last padded
-    windows = data.eval_windows(ids, seq_len, every=every)
-    kept = [0, 5, 10]  # one window in 5, the padded last one included
+def test_eval_windows_keep():
+    seq_len = 4
+    ids = np.arange(100, 100 + 42, dtype=np.uint8)  # 41 targets: 11 windows, the last padded
+    kept = [0, 5, 10]  # the padded last one included
+    windows = data.eval_windows(ids, seq_len, keep=np.array(kept))
     for array in windows:
         assert array.shape == (len(kept), seq_len)
+    assert windows.inputs.dtype == np.int32
     for row, w in enumerate(kept):
         start = w * seq_len
         real = min(seq_len, len(ids) - 1 - start)  # targets that exist in this window

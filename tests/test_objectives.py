@@ -33,76 +33,96 @@ def softmax(model, params, tokens) -> np.ndarray:
     return np.asarray(jax.nn.softmax(model.apply(params, None, tokens[None], False)[0]))
 
 
-def test_streaming_teacher_predicts_each_character_from_all_it_can_see(monkeypatch):
-    """Chunked, with the context each chunk depends on read first: the same distributions as
-    one forward pass over the whole text."""
-    monkeypatch.setattr(reader, "STREAM_CHUNK", 12)
+def next_probs(ckpt: checkpoint.Checkpoint, ids: np.ndarray) -> np.ndarray:
+    """[len(ids) - 1, V]: the distribution of each next character as the sampler reads it."""
+    logits = reader.next_logits(ckpt.hparams, len(ckpt.vocab), ckpt.params, ids[:-1])
+    return np.asarray(jax.nn.softmax(logits))
+
+
+def batch_probs(hp, params, ids, starts, seq_len) -> np.ndarray:
+    read = jax.jit(reader.make_window_logits(hp, len(VOCAB), seq_len))
+    return np.asarray(jax.nn.softmax(read(params, jnp.asarray(ids), jnp.asarray(starts))))
+
+
+def test_streaming_teacher_reads_each_batch_as_the_whole_text():
+    """A streaming teacher's distributions for a training batch, computed from the batch's
+    starts in the step, equal the rows of one reading of the whole text (the sampler's, as
+    the dense array of every position held them before), near the start and far from it."""
     teacher = random_teacher(STREAMING, 0)
-    ids = np.random.default_rng(0).integers(0, len(VOCAB), 100).astype(np.int32)
-    probs = objectives.teacher_probs(teacher, ids)
-    assert probs.shape == (99, len(VOCAB))
-    whole = softmax(transformer.build(STREAMING, len(VOCAB)), teacher.params, ids[:-1])
-    np.testing.assert_allclose(probs, whole, atol=1e-5)
+    ids = np.random.default_rng(0).integers(0, len(VOCAB), 100).astype(np.uint8)
+    T, starts = 12, np.array([0, 3, 40, 87])
+    probs = batch_probs(STREAMING, teacher.params, ids, starts, T)
+    assert probs.shape == (len(starts), T, len(VOCAB))
+    whole = next_probs(teacher, ids)                                   # [99, V]
+    np.testing.assert_allclose(probs, whole[starts[:, None] + np.arange(T)], atol=1e-5)
+    one_pass = softmax(transformer.build(STREAMING, len(VOCAB)), teacher.params, ids[:-1])
+    np.testing.assert_allclose(whole, one_pass, atol=1e-5)
 
 
-def test_windowed_teacher_predicts_each_character_from_its_sampler_window():
-    """A model with learned positions: character i from the last max_seq_len characters up to
-    it, at positions 0.., as its sampler shows them."""
+def test_windowed_teacher_reads_each_window_alone():
+    """A model with learned positions predicts a window's characters from the window alone,
+    at positions 0.., as it was trained."""
     teacher = random_teacher(TINY, 0)
-    ids = np.random.default_rng(1).integers(0, len(VOCAB), 40).astype(np.int32)
-    probs = objectives.teacher_probs(teacher, ids)
+    ids = np.random.default_rng(1).integers(0, len(VOCAB), 40).astype(np.uint8)
+    T, starts = TINY.max_seq_len, np.array([0, 5, 23])
+    probs = batch_probs(TINY, teacher.params, ids, starts, T)
     model = transformer.build(TINY, len(VOCAB))
-    T = TINY.max_seq_len
-    first = softmax(model, teacher.params, ids[:T])  # position i < T sees ids[:i + 1]
-    np.testing.assert_allclose(probs[:T], first, atol=1e-5)
-    for i in range(T, 39):
-        window = ids[i + 1 - T: i + 1]
-        np.testing.assert_allclose(probs[i], softmax(model, teacher.params, window)[-1],
+    for row, s in zip(probs, starts):
+        np.testing.assert_allclose(row, softmax(model, teacher.params, ids[s: s + T]),
                                    atol=1e-5)
 
 
 def test_targets_average_the_teachers(tmp_path):
-    ids = np.random.default_rng(2).integers(0, len(VOCAB), 50).astype(np.int32)
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, len(VOCAB), 50), jnp.uint8)
     teachers = [random_teacher(STREAMING, seed) for seed in (0, 1)]
     paths = []
     for i, t in enumerate(teachers):
         paths.append(str(tmp_path / f"t{i}.pkl"))
         checkpoint.save(paths[-1], params=t.params, hparams=t.hparams, vocab=t.vocab, meta={})
-    targets = objectives.teacher_targets(",".join(paths), ids, VOCAB)
-    each = [objectives.teacher_probs(t, ids) for t in teachers]
+    made = objectives.make_teachers(",".join(paths), VOCAB, 10)
+    starts = jnp.array([0, 7, 39])
+    targets = np.asarray(jax.jit(made.targets)(made.params, ids, starts))
+    each = [batch_probs(STREAMING, t.params, ids, starts, 10) for t in teachers]
     assert np.abs(each[0] - each[1]).max() > 0.01  # different teachers
     np.testing.assert_allclose(targets, (each[0] + each[1]) / 2, atol=1e-6)
     np.testing.assert_allclose(targets.sum(-1), 1.0, atol=1e-5)
     with pytest.raises(UserError, match="another text"):
-        objectives.teacher_targets(paths[0], ids, VOCAB[:-1] + "z")
+        objectives.make_teachers(paths[0], VOCAB[:-1] + "z", 10)
+    windowed = str(tmp_path / "windowed.pkl")
+    checkpoint.save(windowed, params=random_teacher(TINY, 0).params, hparams=TINY,
+                    vocab=VOCAB, meta={})
+    with pytest.raises(UserError, match="fewer than the student's windows"):
+        objectives.make_teachers(windowed, VOCAB, TINY.max_seq_len + 1)
 
 
 def one_step(teacher, distill_weight):
-    """Params and metrics after one SGD step (learning rate 1) of the tiny model."""
+    """Params and metrics after one SGD step (learning rate 1) of the tiny model, with
+    soft targets `teacher(train_ids, starts)` -> [B, T, V] (or none)."""
+    T = TINY.max_seq_len
     model = transformer.build(TINY, len(VOCAB))
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, TINY.max_seq_len), jnp.int32),
-                        False)
-    train_ids = jnp.asarray(np.random.default_rng(3).integers(0, len(VOCAB), 200), jnp.int32)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, T), jnp.int32), False)
+    train_ids = jnp.asarray(np.random.default_rng(3).integers(0, len(VOCAB), 200), jnp.uint8)
     loss = objectives.build_loss(TINY, len(VOCAB), objectives.Weights(0.0, distill_weight))
-    step = train_step.make_train_step(loss, optax.sgd(1.0), 4, TINY.max_seq_len)
+    soft_targets = None if teacher is None else (lambda _, ids, starts: teacher(ids, starts))
+    step = train_step.make_train_step(loss, optax.sgd(1.0), 4, T, soft_targets=soft_targets)
     state = train_step.TrainState(params, optax.sgd(1.0).init(params), jax.random.PRNGKey(1),
                                   jnp.int32(0))
-    if teacher == "one-hot":
-        teacher = jax.nn.one_hot(train_ids[1:], len(VOCAB))
-    return step(state, train_ids, teacher)
+    return step(state, train_ids, None if teacher is None else ())
 
 
 def test_student_step_takes_distill_weight_of_its_loss_from_the_teachers():
     """Against one-hot teachers (the targets themselves), any weight gives the plain step;
     against uniform ones, weight 1 gives another step; the logged loss is the plain one."""
+    T, V = TINY.max_seq_len, len(VOCAB)
     plain, plain_metrics = one_step(None, 0.5)
     for weight in (0.5, 1.0):
-        same, metrics = one_step("one-hot", weight)
+        same, metrics = one_step(
+            lambda ids, starts: jax.nn.one_hot(ids[starts[:, None] + 1 + jnp.arange(T)], V),
+            weight)
         for x, y in zip(jax.tree.leaves(same.params), jax.tree.leaves(plain.params)):
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(metrics["loss"], plain_metrics["loss"], rtol=1e-6)
-    uniform = jnp.full((199, len(VOCAB)), 1 / len(VOCAB))
-    other, metrics = one_step(uniform, 1.0)
+    other, metrics = one_step(lambda ids, starts: jnp.full((len(starts), T, V), 1 / V), 1.0)
     np.testing.assert_allclose(metrics["loss"], plain_metrics["loss"], rtol=1e-6)
     assert max(float(jnp.abs(x - y).max()) for x, y in zip(
         jax.tree.leaves(other.params), jax.tree.leaves(plain.params))) > 1e-3
@@ -113,13 +133,13 @@ def test_student_learns_towards_its_teacher(tiny_run, tmp_path):
     teacher's predictions on the validation split than the same run on the text alone."""
     teacher = checkpoint.load(tiny_run["best"])
     _, val_ids = data.split(data.encode(data.read_text(CORPUS), teacher.vocab))
-    target = objectives.teacher_probs(teacher, val_ids[:2000])
+    target = next_probs(teacher, val_ids[:2000])
 
     def divergence_after(**changes):
         config = tiny_config(tmp_path / str(len(changes)), max_iters=40, **changes)
         meta = train.train(config, TINY)
         student = checkpoint.load(train.params_paths(config.params_dir, meta["run_hash"])[0])
-        probs = objectives.teacher_probs(student, val_ids[:2000])
+        probs = next_probs(student, val_ids[:2000])
         return float(np.mean(np.sum(target * (np.log(target) - np.log(probs)), -1)))
 
     assert divergence_after(teachers=tiny_run["best"], distill_weight=1.0) < (
