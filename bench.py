@@ -144,10 +144,10 @@ def bench_train(config, hp) -> dict:
     """Per compute dtype: the real jitted train step (dropout on), median seconds per step;
     then the seconds of one evaluation as train.py runs it."""
     import data
+    import encoding
 
-    text = data.read_text(data.CORPUS_FILE)
-    vocab = data.build_vocab(text)
-    ids = data.encode(text, vocab)
+    text = encoding.load(data.CORPUS_FILE)
+    vocab, ids = text.vocab, text.ids  # as train.py holds them: uint8
     train_ids = jnp.asarray(data.split(ids)[0])
     train_config = train_config_of(config)
     # The step also runs the after-next head of --ahead_loss, a second unembedding.

@@ -160,7 +160,10 @@ def load(path: str, vocab: str | None = None, min_count: int = 1) -> Text:
     characters seen at least min_count times (and UNKNOWN for the rest)."""
     counts, ids, own = _encoded(path)
     target = vocab if vocab is not None else bounded_vocab(own, counts, min_count)
-    ids = remap(ids, own, target)
+    try:
+        ids = remap(ids, own, target)
+    except UserError as e:
+        raise UserError(f"{path!r}: {e} Is it the text this model was trained on?") from None
     dropped = [n for c, n in zip(own, counts) if c not in target]
     note = f"{len(target):,} characters"
     if dropped and vocab is None:

@@ -20,13 +20,18 @@ from typing import NamedTuple
 import jax
 import numpy as np
 import optax
+from tqdm import tqdm
 
 import checkpoint
 import data
+import encoding
 import metrics
 import reader
 import transformer
 from common import UserError, parse_overrides, run_main
+
+
+LONG_SPLIT = 1 << 20  # characters from which val_loss_stream shows its progress
 
 
 class Config(NamedTuple):
@@ -48,38 +53,38 @@ def stream_loss(ckpt: checkpoint.Checkpoint, ids: np.ndarray) -> float:
     """Mean nats per character of ids[1:], each predicted as its sampler would (reader.py),
     in bounded memory: chunk by chunk."""
     total, begin = 0.0, 0
-    for logits in reader.iter_next_logits(ckpt.hparams, len(ckpt.vocab), ckpt.params,
-                                          ids[:-1]):
-        targets = ids[1 + begin: 1 + begin + len(logits)]
-        total += float(optax.softmax_cross_entropy_with_integer_labels(logits, targets).sum())
-        begin += len(logits)
+    with tqdm(total=len(ids) - 1, unit="char", unit_scale=True, desc="val_loss_stream",
+              leave=False, disable=len(ids) <= LONG_SPLIT) as bar:
+        for logits in reader.iter_next_logits(ckpt.hparams, len(ckpt.vocab), ckpt.params,
+                                              ids[:-1]):
+            targets = ids[1 + begin: 1 + begin + len(logits)].astype(np.int32)
+            total += float(optax.softmax_cross_entropy_with_integer_labels(logits,
+                                                                           targets).sum())
+            begin += len(logits)
+            bar.update(len(logits))
     return total / (len(ids) - 1)
 
 
 def evaluate(ckpt: checkpoint.Checkpoint, config: Config) -> dict:
     """The metrics that `python eval.py` prints."""
     path = source_file(ckpt, config)
-    text = data.read_text(path)
+    ids = encoding.load(path, ckpt.vocab).ids
     seq_len = metrics.window_len(ckpt.hparams)
-    data.check_splits(path, len(text), seq_len + 1, seq_len + 1)
-    try:
-        ids = data.encode(text, ckpt.vocab)
-    except UserError as e:
-        raise UserError(f"{path!r}: {e} Is it the text this model was trained on?") from None
+    data.check_splits(path, len(ids), seq_len + 1, seq_len + 1)
     train, val = metrics.split_windows(ids, seq_len)
     window_loss = metrics.make_window_loss(transformer.build(ckpt.hparams, len(ckpt.vocab)))
     params = jax.device_put(ckpt.params)
     batches = lambda windows: data.batch_windows(windows, config.eval_batch_size)
-    val_loss = metrics.mean_loss(window_loss, params, batches(val))
-    train_loss = metrics.mean_loss(window_loss, params, batches(train))
+    val_loss = metrics.mean_loss(window_loss, params, batches(val), "val_loss")
+    train_loss = metrics.mean_loss(window_loss, params, batches(train), "train_loss")
     extra = {}
     _, val_ids = data.split(ids)
     if transformer.is_streaming(ckpt.hparams):
         extra["val_loss_stream"] = round(stream_loss(ckpt, val_ids), 4)
     if metrics.takes(ckpt.hparams, metrics.NANOGPT_SEQ_LEN):
         windows = data.eval_windows(val_ids, metrics.NANOGPT_SEQ_LEN)
-        extra["val_loss_256"] = round(metrics.mean_loss(window_loss, params, batches(windows)),
-                                      4)
+        extra["val_loss_256"] = round(metrics.mean_loss(window_loss, params, batches(windows),
+                                                        "val_loss_256"), 4)
     return {
         "val_loss": round(val_loss, 4),
         **extra,

@@ -126,7 +126,9 @@ def test_ema_run_keeps_the_average_as_its_best_and_resumes_it(tmp_path):
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_resume_equals_uninterrupted_training(tmp_path, optimizer):
-    config = tiny_config(tmp_path, max_iters=20, eval_interval=10, optimizer=optimizer)
+    """Also the evaluation's sample of a split longer than eval_chars: the same windows."""
+    config = tiny_config(tmp_path, max_iters=20, eval_interval=10, optimizer=optimizer,
+                         eval_chars=40 * TINY.max_seq_len)
     whole = train.train(config, TINY)
     first = train.train(config, TINY, stop_at=10)
     latest, _ = train.params_paths(config.params_dir, first["run_hash"])

@@ -1,0 +1,147 @@
+"""encoding.py: a text file as ids in the smallest integer type, read in pieces, cached beside
+it (never stale), with a vocabulary a user can bound; the unknown symbol through a run, its
+params file, evaluation and sampling."""
+
+import glob
+import os
+
+import numpy as np
+import pytest
+
+import checkpoint
+import data
+import encoding
+import eval as eval_script
+import train
+from common import UserError
+from conftest import TINY, run_script, tiny_config
+
+# Multibyte characters, CR LF and lone CR (normalized to LF), a byte order mark, an emoji.
+TRICKY = "\ufeffEn un lugar\r\nde la Mancha,\rcuyo nombre — ¿no? ¡sí! 🦆 ñandú\r\n" * 7
+
+
+def write(tmp_path, text: str, name: str = "text.txt") -> str:
+    path = str(tmp_path / name)
+    with open(path, "wb") as f:
+        f.write(text.encode("utf-8"))
+    return path
+
+
+def test_ids_and_vocabulary_are_those_of_the_whole_text_read_at_once(tmp_path):
+    path = write(tmp_path, TRICKY)
+    text = encoding.load(path)
+    whole = data.read_text(path)
+    assert text.vocab == data.build_vocab(whole)
+    assert text.ids.dtype == np.uint8
+    np.testing.assert_array_equal(text.ids, data.encode(whole, text.vocab))
+    assert text.note == f"{len(text.vocab)} characters"
+
+
+@pytest.mark.parametrize("piece_bytes", [1, 2, 3, 5, 13])
+def test_pieces_never_cut_a_character_or_a_line_end(tmp_path, monkeypatch, piece_bytes):
+    """Decoded a few bytes at a time, the text reads exactly as in one piece."""
+    path = write(tmp_path, TRICKY)
+    expected = encoding.load(path)
+    monkeypatch.setattr(encoding, "PIECE_BYTES", piece_bytes)
+    text = encoding.load(path)
+    assert text.vocab == expected.vocab
+    np.testing.assert_array_equal(text.ids, expected.ids)
+
+
+def test_ids_take_the_smallest_integer_type_of_the_vocabulary():
+    assert [encoding.id_dtype(n) for n in (2, 256, 257, 65_536, 65_537)] == [
+        np.uint8, np.uint8, np.uint16, np.uint16, np.int32]
+
+
+def test_a_large_vocabulary_reads_as_uint16(tmp_path):
+    chars = "".join(map(chr, range(0x4E00, 0x4E00 + 300)))  # 300 CJK characters
+    text = encoding.load(write(tmp_path, chars * 2))
+    assert text.ids.dtype == np.uint16 and len(text.vocab) == 300
+    np.testing.assert_array_equal(text.ids, np.tile(np.arange(300), 2))
+
+
+def test_a_large_text_keeps_its_encoding_beside_it_never_stale(tmp_path, monkeypatch):
+    monkeypatch.setattr(encoding, "CACHE_MIN_BYTES", 1)
+    path = write(tmp_path, TRICKY)
+    first = encoding.load(path)
+    caches = glob.glob(str(tmp_path / ".text.txt.*.ids.npz"))
+    assert len(caches) == 1
+    # The second load reads the cache: it never decodes the text.
+    monkeypatch.setattr(encoding, "_pieces", lambda *_: pytest.fail("decoded again"))
+    again = encoding.load(path)
+    assert again.vocab == first.vocab
+    np.testing.assert_array_equal(again.ids, first.ids)
+    monkeypatch.undo()
+    monkeypatch.setattr(encoding, "CACHE_MIN_BYTES", 1)
+    # An edited text (same length) is read anew, and its old cache removed.
+    write(tmp_path, TRICKY.replace("Mancha", "Manxha"))
+    edited = encoding.load(path)
+    assert "x" in edited.vocab and "x" not in first.vocab
+    assert len(glob.glob(str(tmp_path / ".text.txt.*.ids.npz"))) == 1
+    assert not os.path.exists(caches[0])
+
+
+def test_a_small_text_writes_no_cache(tmp_path):
+    encoding.load(write(tmp_path, TRICKY))
+    assert not glob.glob(str(tmp_path / ".*.npz"))
+
+
+def test_a_bounded_vocabulary_reads_rare_characters_as_the_unknown_symbol(tmp_path):
+    path = write(tmp_path, "abababab" * 10 + "xyz")
+    text = encoding.load(path, min_count=2)
+    assert text.vocab == "ab" + data.UNKNOWN
+    assert "".join(text.vocab[i] for i in text.ids) == "abababab" * 10 + data.UNKNOWN * 3
+    assert text.note == (f"3 characters: the 3 seen fewer than 2 times ({3 / 83:.3%} of the "
+                         f"text) read as '{data.UNKNOWN}' (U+FFFD)")
+    assert encoding.load(path, min_count=1).vocab == "abxyz"  # the default keeps them all
+
+
+def test_a_models_vocabulary_reads_what_it_lacks_as_its_unknown_symbol_or_refuses(tmp_path):
+    path = write(tmp_path, "abcab")
+    text = encoding.load(path, vocab="ab" + data.UNKNOWN)
+    assert "".join(text.vocab[i] for i in text.ids) == "ab" + data.UNKNOWN + "ab"
+    with pytest.raises(UserError, match=r"1 character\(s\) not in the model's vocabulary: "
+                                        r"'c' \(U\+0063\)"):
+        encoding.load(path, vocab="ab")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty"),
+    (b"abc\xff\xfedef", "is not UTF-8 text: byte 3"),
+])
+def test_bad_files_are_refused_with_their_message(tmp_path, content, message):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        encoding.load(str(path))
+    with pytest.raises(UserError, match="not found"):
+        encoding.load(str(tmp_path / "missing.txt"))
+
+
+def test_the_unknown_symbol_round_trips_through_the_params_file(tmp_path):
+    """A run with min_char_count keeps its bounded vocabulary in its params file; evaluation
+    and sampling read the text's rare characters as its unknown symbol, as training did."""
+    rare = "".join(map(chr, range(0x3040, 0x3060)))  # 32 characters, each seen once
+    common = data.read_text(os.path.join(os.path.dirname(__file__), "..",
+                                         "novelas_ejemplares.txt"))[:60_000]
+    path = write(tmp_path, common[:30_000] + rare + common[30_000:])
+    config = tiny_config(tmp_path, max_iters=4, eval_interval=4, source_file=path,
+                         min_char_count=3)
+    meta = train.train(config, TINY)
+    best = train.params_paths(config.params_dir, meta["run_hash"])[1]
+    ckpt = checkpoint.load(best)
+    assert data.UNKNOWN in ckpt.vocab and not set(rare) & set(ckpt.vocab)
+    assert ckpt.vocab == encoding.load(path, min_count=3).vocab
+    losses = eval_script.evaluate(ckpt, eval_script.CONFIG._replace(params=best))
+    assert losses["val_loss"] == pytest.approx(meta["history"]["val_loss"][-1], rel=1e-4)
+    result = run_script("generate.py", f"--params={best}", f"--context={rare[:3]}abc",
+                        "--num_chars=20", "--prng_seed=1")
+    assert result.returncode == 0, result.stderr  # the vocabulary lacks the context's first 3
+    assert result.stdout.startswith(rare[:3] + "abc")
+
+
+def test_bad_min_char_count_exits_2():
+    result = run_script("train.py", "--min_char_count=0", "--aim=False")
+    assert result.returncode == 2, result.stderr
+    assert "--min_char_count=0: must be >= 1" in result.stderr
+    assert "Traceback" not in result.stderr
