@@ -245,14 +245,16 @@ def log_progress(run: Run, bar: tqdm, step: int, metrics: dict, tokens_per_s: fl
 
 
 def log_evaluation(run: Run, bar: tqdm, step: int, losses, tokens_per_s: float, rates: dict,
-                   sample=None) -> None:
-    """One grep-able line per evaluation (also through pipes); both losses and a text
-    sample (`sample()`) to Aim."""
+                   sample=None, eval_s: float | None = None) -> None:
+    """One grep-able line per evaluation (also through pipes), with the evaluation's seconds
+    (`eval_s`, the first one's compile included); both losses and a text sample
+    (`sample()`) to Aim."""
     train_loss, val_loss = losses
     if run.is_main:
         bar.write(f"step {step} | train {train_loss:.4f} | val {val_loss:.4f} | "
                   f"{tokens_per_s:.0f} tok/s | " + " | ".join(
-                      f"{name} {rate(step - 1):.2e}" for name, rate in rates.items()))
+                      f"{name} {rate(step - 1):.2e}" for name, rate in rates.items())
+                  + ("" if eval_s is None else f" | evaluated in {eval_s:.1f} s"))
         sys.stdout.flush()
     for subset, loss in (("train", train_loss), ("val", val_loss)):
         run.tracker.track(step, {"subset": subset}, loss=loss, bpc=loss / math.log(2))

@@ -96,7 +96,9 @@ def set_up(config: Config, hparams: transformer.HParams, entered: float) -> Setu
         raise UserError(f"--resume={config.resume}: the model's HPARAMS come from the params "
                         f"file ({ckpt.hparams}); drop the model overrides.")
     hparams = ckpt.hparams if ckpt else hparams
+    began = time.time()
     text = read_text(config, hparams, ckpt and ckpt.vocab)
+    read_s = time.time() - began
     ids, vocab = text.ids, text.vocab
     train_ids, val_ids = data.split(ids)
     compute_dtype, why = kernels.choose_compute_dtype(config.compute_dtype)
@@ -120,8 +122,8 @@ def set_up(config: Config, hparams: transformer.HParams, entered: float) -> Setu
     run = Run(config, hparams, vocab, ckpt.meta if ckpt else {}, compute_dtype,
               started=entered - (ckpt.meta.get("wall_s", 0.0) if ckpt else 0.0),
               is_main=jax.process_index() == 0)  # only process 0 writes files and tracks
-    run.say(f"run {run.hash}: {checkpoint.num_params(state.params):,} params, {text.note}, "
-            f"steps {int(state.step)} -> {config.max_iters}, params files "
+    run.say(f"run {run.hash}: {checkpoint.num_params(state.params):,} params, {text.note} "
+            f"(text read in {read_s:.1f} s), steps {int(state.step)} -> {config.max_iters}, params files "
             f"{run.latest_path}[.min_val.pkl]\ncompute dtype: {compute_dtype} ({why})")
     evaluate, val_chars = metrics.make_evaluate(hparams, len(vocab), ids,
                                                 config.eval_batch_size,
@@ -190,10 +192,13 @@ def train(config: Config, hparams: transformer.HParams, stop_at: int | None = No
                         or step == config.max_iters):  # before each evaluation: a sync
                     log_progress(run, bar, step, step_metrics, speed.measure(), rates)
                 if step % config.eval_interval == 0 or step == config.max_iters:
+                    began = time.time()
                     params, losses = evaluate_state(setup, state, step)
+                    eval_s = time.time() - began
                     save_checkpoints(run, step, state, params, losses)
                     log_evaluation(run, bar, step, losses, speed.tokens_per_s, rates,
-                                   setup.sample and (lambda: setup.sample(params, step)))
+                                   setup.sample and (lambda: setup.sample(params, step)),
+                                   eval_s)
                     speed.reset()
             bar.close()
             if step < config.max_iters:  # stopped early: by a signal, or at stop_at

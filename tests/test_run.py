@@ -147,10 +147,11 @@ def test_log_lines_and_aim_get_the_bpc_of_each_loss_and_each_rate_of_that_steps_
     run.tracker = FakeTracker()
     schedule = lambda count: count / 10
     bar = tqdm(disable=True)
-    run_module.log_evaluation(run, bar, 7, (1.2, 1.5), 1000.0, {"learning_rate": schedule})
+    run_module.log_evaluation(run, bar, 7, (1.2, 1.5), 1000.0, {"learning_rate": schedule},
+                              eval_s=12.34)
     line = capsys.readouterr().out
-    assert line.startswith("step 7 | train 1.2000 | val 1.5000 | 1000 tok/s | learning_rate "
-                           "6.00e-01")
+    assert line == ("step 7 | train 1.2000 | val 1.5000 | 1000 tok/s | learning_rate "
+                    "6.00e-01 | evaluated in 12.3 s\n")
     for subset, loss in (("train", 1.2), ("val", 1.5)):
         (metrics,) = [m for _, c, m in run.tracker.tracked if c == {"subset": subset}]
         assert metrics == {"loss": loss, "bpc": loss / math.log(2)}
