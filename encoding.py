@@ -29,6 +29,7 @@ from data import UNKNOWN
 CACHE_MIN_BYTES = 8 << 20  # texts this large keep their encoding beside them
 PIECE_BYTES = 16 << 20  # decoded a piece at a time: memory of a piece, not of the text
 NUM_CODE_POINTS = 0x110000
+HINT_VOCAB, HINT_COUNT = 256, 10  # a vocabulary this large, mostly this rare: a hint
 
 
 class Text(NamedTuple):
@@ -169,4 +170,9 @@ def load(path: str, vocab: str | None = None, min_count: int = 1) -> Text:
     if dropped and vocab is None:
         note += (f": the {len(dropped):,} seen fewer than {min_count:,} times "
                  f"({sum(dropped) / len(ids):.3%} of the text) read as {UNKNOWN!r} (U+FFFD)")
+    rare = int((counts < HINT_COUNT).sum())
+    if vocab is None and min_count == 1 and len(own) > HINT_VOCAB and 2 * rare > len(own):
+        note += (f" ({rare:,} of them seen fewer than {HINT_COUNT} times, each an embedding "
+                 f"row and a logit: --min_char_count={HINT_COUNT} keeps "
+                 f"{len(bounded_vocab(own, counts, HINT_COUNT)):,})")
     return Text(ids, target, note)

@@ -53,11 +53,13 @@ def test_ids_take_the_smallest_integer_type_of_the_vocabulary():
         np.uint8, np.uint8, np.uint16, np.uint16, np.int32]
 
 
-def test_a_large_vocabulary_reads_as_uint16(tmp_path):
-    chars = "".join(map(chr, range(0x4E00, 0x4E00 + 300)))  # 300 CJK characters
-    text = encoding.load(write(tmp_path, chars * 2))
-    assert text.ids.dtype == np.uint16 and len(text.vocab) == 300
-    np.testing.assert_array_equal(text.ids, np.tile(np.arange(300), 2))
+def test_a_large_vocabulary_reads_as_uint16_with_a_hint_to_bound_it(tmp_path):
+    chars = "".join(map(chr, range(0x4E00, 0x4E00 + 300)))  # 300 CJK characters, each twice
+    text = encoding.load(write(tmp_path, "ab" * 20 + chars * 2))
+    assert text.ids.dtype == np.uint16 and len(text.vocab) == 302
+    np.testing.assert_array_equal(text.ids[40:], np.tile(np.arange(2, 302), 2))
+    assert text.note == ("302 characters (300 of them seen fewer than 10 times, each an "
+                         "embedding row and a logit: --min_char_count=10 keeps 3)")
 
 
 def test_a_large_text_keeps_its_encoding_beside_it_never_stale(tmp_path, monkeypatch):
