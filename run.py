@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
@@ -224,7 +225,10 @@ class Speed:
     def reset(self) -> None:
         self.start, self.steps, self.tokens_per_s = time.time(), 0, 0.0
 
-    def measure(self) -> float:
+    def measure(self, metrics=None) -> float:
+        """Once the steps that return `metrics` have run: dispatch is asynchronous, so a
+        clock read when the last step is merely queued would count its queueing alone."""
+        jax.block_until_ready(metrics)
         self.tokens_per_s = self.steps * self.tokens_per_step / (time.time() - self.start)
         return self.tokens_per_s
 

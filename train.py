@@ -190,7 +190,8 @@ def train(config: Config, hparams: transformer.HParams, stop_at: int | None = No
                 bar.update(1)
                 if (step % config.log_interval == 0 or step % config.eval_interval == 0
                         or step == config.max_iters):  # before each evaluation: a sync
-                    log_progress(run, bar, step, step_metrics, speed.measure(), rates)
+                    log_progress(run, bar, step, step_metrics, speed.measure(step_metrics),
+                                 rates)
                 if step % config.eval_interval == 0 or step == config.max_iters:
                     began = time.time()
                     params, losses = evaluate_state(setup, state, step)

@@ -191,3 +191,24 @@ def test_speed_counts_the_steps_it_timed(monkeypatch):
     speed.reset()
     speed.steps = 3
     assert speed.measure() == 3 * 64 / 1.0 and speed.tokens_per_s == 192.0
+
+
+def test_speed_waits_for_the_steps_it_times():
+    """The steps' results still being computed (asynchronous dispatch): the clock stops when
+    they are ready, not when they were queued."""
+    import threading
+
+    import run as run_module
+
+    class Pending:  # a result that becomes ready 0.3 s from now
+        def __init__(self):
+            self.done = threading.Timer(0.3, lambda: None)
+            self.done.start()
+
+        def block_until_ready(self):
+            self.done.join()
+            return self
+
+    speed = run_module.Speed(tokens_per_step=100)
+    speed.steps = 3
+    assert speed.measure({"loss": Pending()}) <= 3 * 100 / 0.3
