@@ -52,11 +52,11 @@ class Config(NamedTuple):
                                    # the rest read as one unknown symbol (encoding.py)
     eval_interval: int = 500       # steps between full evaluations and params files
     eval_batch_size: int = 32      # windows per step of the evaluation lax.map
-    eval_chars: int = 131_072      # characters each evaluation reads of the validation split:
+    eval_chars: int = 111_616      # characters each evaluation reads of the validation split:
                                    # the whole split if it is no longer (Cervantes', Tiny
-                                   # Shakespeare's), else evenly spread windows, the same in
-                                   # every run of a text; as many of the training split.
-                                   # eval.py reads the whole split
+                                   # Shakespeare's: 872 windows of 128, the larger), else
+                                   # evenly spread windows, the same in every run of a text;
+                                   # as many of the training split. eval.py reads it whole
     log_interval: int = 10         # steps between progress updates (each syncs the host)
     resume: str = ""               # params file (`params/params.<hash>.pkl`) to continue
     params_dir: str = "params"     # where params files and the loss plot go

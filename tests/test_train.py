@@ -17,6 +17,7 @@ import pytest
 import checkpoint
 import common
 import data
+import encoding
 import eval as evaluation
 import kernels
 import train
@@ -27,8 +28,8 @@ import transformer
 import metrics
 import reader
 import sampling
-from conftest import (CORPUS, ROOT, TINY, make_optimizer, run_script, tiny_config, tiny_loss,
-                      within)
+from conftest import (CORPUS, ROOT, SHAKESPEARE, TINY, make_optimizer, run_script, tiny_config,
+                      tiny_loss, within)
 
 
 def test_loss_falls_well_below_character_frequencies(tiny_run):
@@ -796,7 +797,8 @@ def test_every_evaluation_line_reports_the_speed_of_the_steps_before_it(tmp_path
 def test_evaluation_reads_a_fixed_evenly_spread_sample_past_eval_chars(tmp_path, capsys):
     """A validation split longer than eval_chars: evaluation reads eval_chars // T of its
     windows, spread evenly from its first to its last, the same each time, and as many
-    training windows; the run says so. Cervantes' split is read whole at the default."""
+    training windows; the run says so. Cervantes' and Tiny Shakespeare's splits are read
+    whole at the default."""
     ids = np.asarray(data.encode(data.read_text(CORPUS), data.build_vocab(
         data.read_text(CORPUS))))
     T = TINY.max_seq_len
@@ -809,11 +811,12 @@ def test_evaluation_reads_a_fixed_evenly_spread_sample_past_eval_chars(tmp_path,
     assert gaps.max() - gaps.min() <= 1  # evenly spread
     again = metrics.split_windows(ids, T, max_chars=10 * T)[1]
     np.testing.assert_array_equal(again.inputs, val.inputs)
-    default = metrics.split_windows(ids, metrics.EVAL_SEQ_LEN, train.CONFIG.eval_chars)
-    full = metrics.split_windows(ids, metrics.EVAL_SEQ_LEN)
-    for a, b in zip(default, full):
-        for x, y in zip(a, b):
-            np.testing.assert_array_equal(x, y)
+    for text in (ids, encoding.load(SHAKESPEARE).ids):  # both read whole at the default
+        default = metrics.split_windows(text, metrics.EVAL_SEQ_LEN, train.CONFIG.eval_chars)
+        full = metrics.split_windows(text, metrics.EVAL_SEQ_LEN)
+        for a, b in zip(default, full):
+            for x, y in zip(a, b):
+                np.testing.assert_array_equal(x, y)
     meta = train.train(tiny_config(tmp_path, max_iters=2, eval_interval=2,
                                    eval_chars=10 * T), TINY)
     counted = int(val.weights.sum())  # the split's last window is partial
