@@ -22,6 +22,7 @@ from typing import Callable, NamedTuple
 import haiku as hk
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import checkpoint
@@ -31,6 +32,7 @@ import transformer
 from common import UserError
 
 AFTER_NEXT = "after_next"  # the after-next head's module: its params' key
+TABLE_BYTES = 1 << 30  # streaming teachers' predictions of the whole split, up to this size
 
 
 class Weights(NamedTuple):
@@ -103,26 +105,39 @@ def load_teachers(paths: str, vocab: str) -> list[checkpoint.Checkpoint]:
 
 
 class Teachers(NamedTuple):
-    params: tuple                # each teacher's params, on the device: the step's argument
+    params: tuple                # per teacher, on the host: its table or its params
     targets: Callable            # jittable (params, train_ids, starts [B]) -> [B, T, V]
 
 
-def make_teachers(paths: str, vocab: str, seq_len: int) -> Teachers:
+def make_teachers(paths: str, vocab: str, seq_len: int, train_ids: np.ndarray) -> Teachers:
     """The teachers (comma-separated params files) and their averaged distribution of each
-    next character of a batch's windows (seq_len from each start), computed in the step from
-    the windows it draws: memory of a batch, whatever the text's length. Each predicts as
-    reader.make_window_logits reads: a streaming teacher as its sampler would (all it can
-    see of the text before), any other from the window alone."""
+    next character of a batch's windows (seq_len from each start). A streaming teacher
+    predicts each character from all it can see of the text before it, as its sampler
+    would: read once over the whole training split into a table [N - 1, V] where the tables
+    fit in TABLE_BYTES, else computed in the step from the windows it draws, each read
+    after its receptive field (the same distributions, in memory of a batch: see
+    reader.make_window_logits). Any other teacher reads each window alone, as it was
+    trained, in the step."""
     teachers = load_teachers(paths, vocab)
+    tables = TABLE_BYTES // ((len(train_ids) - 1) * len(vocab) * 4)  # how many fit
+    params, reads = [], []
     for path, teacher in zip(paths.split(","), teachers):
-        if not transformer.is_streaming(teacher.hparams) and teacher.hparams.max_seq_len < seq_len:
-            raise UserError(f"--teachers: {path!r} reads {teacher.hparams.max_seq_len} "
-                            f"characters, fewer than the student's windows of {seq_len}.")
-    reads = [reader.make_window_logits(t.hparams, len(vocab), seq_len) for t in teachers]
+        hp = teacher.hparams
+        if not transformer.is_streaming(hp) and hp.max_seq_len < seq_len:
+            raise UserError(f"--teachers: {path!r} reads {hp.max_seq_len} characters, fewer "
+                            f"than the student's windows of {seq_len}.")
+        if transformer.is_streaming(hp) and tables > 0:
+            tables -= 1
+            logits = reader.next_logits(hp, len(vocab), teacher.params, train_ids[:-1])
+            params.append(np.asarray(jax.nn.softmax(logits)))                  # [N - 1, V]
+            reads.append(lambda table, _, starts: table[starts[:, None] + jnp.arange(seq_len)])
+        else:
+            read = reader.make_window_logits(hp, len(vocab), seq_len)
+            params.append(teacher.params)
+            reads.append(lambda p, ids, starts, read=read: jax.nn.softmax(
+                read(p, ids, starts).astype(jnp.float32)))
 
     def targets(params, train_ids, starts):
-        probs = [jax.nn.softmax(read(p, train_ids, starts).astype(jnp.float32))
-                 for read, p in zip(reads, params)]
-        return sum(probs) / len(probs)
+        return sum(read(p, train_ids, starts) for read, p in zip(reads, params)) / len(reads)
 
-    return Teachers(tuple(jax.device_put(t.params) for t in teachers), targets)
+    return Teachers(tuple(params), targets)

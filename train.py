@@ -82,7 +82,7 @@ class Setup(NamedTuple):
     state: TrainState             # on the devices, replicated
     train_step: Callable          # jitted (state, train_ids, teachers) -> (state, metrics)
     train_ids: jax.Array          # the training split, on every device
-    teachers: tuple | None        # with --teachers: their params (the step predicts with them)
+    teachers: tuple | None        # with --teachers: their tables or params (objectives.py)
     evaluate: Callable            # params -> (train_loss, val_loss) over the fixed windows
     sample: Callable | None       # (params, step) -> a text sample for Aim, or None
     run: Run
@@ -109,22 +109,24 @@ def set_up(config: Config, hparams: transformer.HParams, entered: float) -> Setu
     optimizer = make_optimizer(config, hidden_matrices(loss_fn, dummy, dummy))
     state = (resumed_state(config, ckpt, optimizer) if ckpt else
              init_state(config.prng_seed, loss, optimizer, hparams.max_seq_len))
-    teachers = (objectives.make_teachers(config.teachers, vocab, hparams.max_seq_len)
-                if config.teachers else None)
+    teachers = (objectives.make_teachers(config.teachers, vocab, hparams.max_seq_len,
+                                         train_ids) if config.teachers else None)
     mesh = make_mesh()
     replicated = NamedSharding(mesh, P())
+    put = lambda tree: jax.tree.map(lambda x: data.put(np.asarray(x), replicated), tree)
     shuffle_key = (jax.random.fold_in(jax.random.PRNGKey(config.prng_seed), 1)
                    if config.batches == "shuffled" else None)
     train_step = make_train_step(loss, optimizer, config.batch_size, hparams.max_seq_len,
                                  NamedSharding(mesh, P("data")), shuffle_key,
                                  teachers and teachers.targets)
-    state = jax.tree.map(lambda x: data.put(np.asarray(x), replicated), state)
+    state = put(state)
     run = Run(config, hparams, vocab, ckpt.meta if ckpt else {}, compute_dtype,
               started=entered - (ckpt.meta.get("wall_s", 0.0) if ckpt else 0.0),
               is_main=jax.process_index() == 0)  # only process 0 writes files and tracks
     run.say(f"run {run.hash}: {checkpoint.num_params(state.params):,} params, {text.note} "
-            f"(text read in {read_s:.1f} s), steps {int(state.step)} -> {config.max_iters}, params files "
-            f"{run.latest_path}[.min_val.pkl]\ncompute dtype: {compute_dtype} ({why})")
+            f"(text read in {read_s:.1f} s), steps {int(state.step)} -> {config.max_iters}, "
+            f"params files {run.latest_path}[.min_val.pkl]\ncompute dtype: {compute_dtype} "
+            f"({why})")
     evaluate, val_chars = metrics.make_evaluate(hparams, len(vocab), ids,
                                                 config.eval_batch_size,
                                                 NamedSharding(mesh, P(None, "data")),
@@ -134,8 +136,8 @@ def set_up(config: Config, hparams: transformer.HParams, entered: float) -> Setu
         run.say(f"teachers: {config.teachers} (distill_weight {config.distill_weight})")
     sample = (make_sample(hparams, vocab, config.sample_chars)
               if config.sample_chars and run.tracker.run is not None else None)
-    return Setup(config, hparams, state, train_step, data.put(train_ids, replicated),
-                 teachers and teachers.params, evaluate, sample, run)
+    return Setup(config, hparams, state, train_step, put(train_ids),
+                 teachers and put(teachers.params), evaluate, sample, run)
 
 
 def make_sample(hparams: transformer.HParams, vocab: str, num_chars: int) -> Callable:

@@ -34,6 +34,7 @@ import PIL.Image
 
 import checkpoint
 import data
+import encoding
 import metrics
 import reader
 import transformer
@@ -59,6 +60,8 @@ class Config(NamedTuple):
 CONFIG = Config()
 
 TOP = 5  # likeliest successors shown per character
+LINE_SLACK = 4096  # characters read past --num_chars of the split, to start at a whole line
+
 # Kinds of character, the first that holds: loss by kind tells what the model finds hard.
 KINDS = {
     "newline": lambda c: c == "\n",
@@ -345,9 +348,9 @@ def read_shown_text(ckpt: checkpoint.Checkpoint, config: Config) -> str:
             print(f"# {path} is missing (`make data` fetches the corpus): showing "
                   "eval_context.txt instead", file=sys.stderr)
             text = data.read_text("eval_context.txt")
-        else:
-            text = data.read_text(path)
-            text = text[len(data.split(np.arange(len(text)))[0]):]
+        else:  # as ids (a large text from its cache), of which a few lines are decoded
+            val_ids = data.split(encoding.load(path, ckpt.vocab).ids)[1]
+            text = data.decode(val_ids[: config.num_chars + LINE_SLACK], ckpt.vocab)
             text = text[text.find("\n") + 1:]  # from the first whole line
     text = text[: config.num_chars]
     if len(text) < 2:

@@ -72,27 +72,34 @@ def test_windowed_teacher_reads_each_window_alone():
                                    atol=1e-5)
 
 
-def test_targets_average_the_teachers(tmp_path):
-    ids = jnp.asarray(np.random.default_rng(2).integers(0, len(VOCAB), 50), jnp.uint8)
+@pytest.mark.parametrize("table_bytes", [objectives.TABLE_BYTES, 0])
+def test_targets_average_the_teachers_from_a_table_or_in_the_step(tmp_path, monkeypatch,
+                                                                   table_bytes):
+    """Streaming teachers' predictions, read once into a table where it fits (else in the
+    step, per batch): the same averaged distributions either way."""
+    monkeypatch.setattr(objectives, "TABLE_BYTES", table_bytes)
+    ids = np.random.default_rng(2).integers(0, len(VOCAB), 50).astype(np.uint8)
     teachers = [random_teacher(STREAMING, seed) for seed in (0, 1)]
     paths = []
     for i, t in enumerate(teachers):
         paths.append(str(tmp_path / f"t{i}.pkl"))
         checkpoint.save(paths[-1], params=t.params, hparams=t.hparams, vocab=t.vocab, meta={})
-    made = objectives.make_teachers(",".join(paths), VOCAB, 10)
+    made = objectives.make_teachers(",".join(paths), VOCAB, 10, ids)
+    is_table = [isinstance(p, np.ndarray) and p.shape == (49, len(VOCAB)) for p in made.params]
+    assert is_table == [table_bytes > 0] * 2
     starts = jnp.array([0, 7, 39])
-    targets = np.asarray(jax.jit(made.targets)(made.params, ids, starts))
+    targets = np.asarray(jax.jit(made.targets)(made.params, jnp.asarray(ids), starts))
     each = [batch_probs(STREAMING, t.params, ids, starts, 10) for t in teachers]
     assert np.abs(each[0] - each[1]).max() > 0.01  # different teachers
-    np.testing.assert_allclose(targets, (each[0] + each[1]) / 2, atol=1e-6)
+    np.testing.assert_allclose(targets, (each[0] + each[1]) / 2, atol=1e-5)
     np.testing.assert_allclose(targets.sum(-1), 1.0, atol=1e-5)
     with pytest.raises(UserError, match="another text"):
-        objectives.make_teachers(paths[0], VOCAB[:-1] + "z", 10)
+        objectives.make_teachers(paths[0], VOCAB[:-1] + "z", 10, ids)
     windowed = str(tmp_path / "windowed.pkl")
     checkpoint.save(windowed, params=random_teacher(TINY, 0).params, hparams=TINY,
                     vocab=VOCAB, meta={})
     with pytest.raises(UserError, match="fewer than the student's windows"):
-        objectives.make_teachers(windowed, VOCAB, TINY.max_seq_len + 1)
+        objectives.make_teachers(windowed, VOCAB, TINY.max_seq_len + 1, ids)
 
 
 def one_step(teacher, distill_weight):
