@@ -10,9 +10,10 @@ train_step.make_train_step):
   better than any of its members, and a student trained on the ensemble's predicted
   distributions keeps much of that gain in one model (Kim et al. 2025, arXiv 2509.14786).
   `train.py --teachers=A,B` reads each teacher's distribution of the next character at every
-  position of each training batch, in the step (reader.py: a streaming teacher as its
-  sampler would), and averages them (make_teachers); `distill_weight` of the next
-  character's cross-entropy is then taken against that distribution instead.
+  position of each training batch (reader.py: a streaming teacher as its sampler would,
+  from a table of the whole split where it fits, else in the step), and averages them
+  (make_teachers); `distill_weight` of the next character's cross-entropy is then taken
+  against that distribution instead.
 
 The loss logged as training loss stays the next character's alone, as evaluation measures it.
 """
