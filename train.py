@@ -2,11 +2,12 @@
 
 Each step is one jitted function (draw a batch on the device, the objectives' loss with
 dropout, the optimizer's update). Every eval_interval steps: the loss over the validation
-split (a fixed sample of it past eval_chars characters) and as many training windows, the latest params file, the best one
-(`.min_val.pkl`) when validation improves, one log line, and Aim metrics with a text sample.
-Ctrl-C or SIGTERM saves the latest params file and prints how to resume. The config and its
-recipes: recipes.py; the step: train_step.py; its loss: objectives.py; the optimizer:
-optimizer.py; the run's files, log and plot: run.py.
+split (a fixed sample of it past eval_chars characters) and as many training windows, the
+latest params file, the best one (`.min_val.pkl`) when validation improves, one log line,
+and Aim metrics with a text sample. Ctrl-C or SIGTERM saves the latest params file and
+prints how to resume. The text as ids: encoding.py; the config and its recipes: recipes.py;
+the step: train_step.py; its loss: objectives.py; the optimizer: optimizer.py; the run's
+files, log and plot: run.py.
 """
 
 import os
