@@ -64,7 +64,9 @@ def resumed_state(config: Config, ckpt: checkpoint.Checkpoint, optimizer) -> Tra
 
 def read_text(config: Config, hparams: transformer.HParams, vocab: str | None):
     """config.source_file as ids (encoding.load: against a resumed run's `vocab`, else its
-    own), checked to hold the windows that training and evaluation cut."""
+    own), checked to hold the windows that training and evaluation cut; its note says how
+    long reading it took."""
+    began = time.time()
     text = encoding.load(config.source_file, vocab, config.min_char_count)
     data.check_splits(config.source_file, len(text.ids), hparams.max_seq_len + 1,
                       metrics.window_len(hparams) + 1)
@@ -73,7 +75,7 @@ def read_text(config: Config, hparams: transformer.HParams, vocab: str | None):
             and data.windows_per_pass(num_train, hparams.max_seq_len) < config.batch_size):
         raise UserError(f"--batches=shuffled: the training split holds fewer than "
                         f"batch_size={config.batch_size} windows of {hparams.max_seq_len}.")
-    return text
+    return text._replace(note=f"{text.note} (text read in {time.time() - began:.1f} s)")
 
 
 class Setup(NamedTuple):
@@ -97,11 +99,8 @@ def set_up(config: Config, hparams: transformer.HParams, entered: float) -> Setu
         raise UserError(f"--resume={config.resume}: the model's HPARAMS come from the params "
                         f"file ({ckpt.hparams}); drop the model overrides.")
     hparams = ckpt.hparams if ckpt else hparams
-    began = time.time()
-    text = read_text(config, hparams, ckpt and ckpt.vocab)
-    read_s = time.time() - began
-    ids, vocab = text.ids, text.vocab
-    train_ids, val_ids = data.split(ids)
+    text = None if ckpt else read_text(config, hparams, None)  # a fresh run's vocabulary
+    vocab = ckpt.vocab if ckpt else text.vocab
     compute_dtype, why = kernels.choose_compute_dtype(config.compute_dtype)
     weights = objectives.Weights(config.ahead_loss, config.distill_weight)
     loss_fn = objectives.loss_fn(hparams, len(vocab), weights, kernels.Speed(compute_dtype))
@@ -110,6 +109,10 @@ def set_up(config: Config, hparams: transformer.HParams, entered: float) -> Setu
     optimizer = make_optimizer(config, hidden_matrices(loss_fn, dummy, dummy))
     state = (resumed_state(config, ckpt, optimizer) if ckpt else
              init_state(config.prng_seed, loss, optimizer, hparams.max_seq_len))
+    if text is None:  # a resumed run's, once its state is checked
+        text = read_text(config, hparams, vocab)
+    ids = text.ids
+    train_ids, val_ids = data.split(ids)
     teachers = (objectives.make_teachers(config.teachers, vocab, hparams.max_seq_len,
                                          train_ids) if config.teachers else None)
     mesh = make_mesh()
@@ -124,8 +127,8 @@ def set_up(config: Config, hparams: transformer.HParams, entered: float) -> Setu
     run = Run(config, hparams, vocab, ckpt.meta if ckpt else {}, compute_dtype,
               started=entered - (ckpt.meta.get("wall_s", 0.0) if ckpt else 0.0),
               is_main=jax.process_index() == 0)  # only process 0 writes files and tracks
-    run.say(f"run {run.hash}: {checkpoint.num_params(state.params):,} params, {text.note} "
-            f"(text read in {read_s:.1f} s), steps {int(state.step)} -> {config.max_iters}, "
+    run.say(f"run {run.hash}: {checkpoint.num_params(state.params):,} params, {text.note}, "
+            f"steps {int(state.step)} -> {config.max_iters}, "
             f"params files {run.latest_path}[.min_val.pkl]\ncompute dtype: {compute_dtype} "
             f"({why})")
     evaluate, val_chars = metrics.make_evaluate(hparams, len(vocab), ids,
