@@ -14,7 +14,7 @@ import encoding
 import eval as eval_script
 import train
 from common import UserError
-from conftest import TINY, run_script, tiny_config
+from conftest import CORPUS, TINY, run_script, tiny_config
 
 # Multibyte characters, CR LF and lone CR (normalized to LF), a byte order mark, an emoji.
 TRICKY = "\ufeffEn un lugar\r\nde la Mancha,\rcuyo nombre — ¿no? ¡sí! 🦆 ñandú\r\n" * 7
@@ -124,8 +124,7 @@ def test_the_unknown_symbol_round_trips_through_the_params_file(tmp_path):
     """A run with min_char_count keeps its bounded vocabulary in its params file; evaluation
     and sampling read the text's rare characters as its unknown symbol, as training did."""
     rare = "".join(map(chr, range(0x3040, 0x3060)))  # 32 characters, each seen once
-    common = data.read_text(os.path.join(os.path.dirname(__file__), "..",
-                                         "novelas_ejemplares.txt"))[:60_000]
+    common = data.read_text(CORPUS)[:60_000]
     path = write(tmp_path, common[:30_000] + rare + common[30_000:])
     config = tiny_config(tmp_path, max_iters=4, eval_interval=4, source_file=path,
                          min_char_count=3)
@@ -141,9 +140,3 @@ def test_the_unknown_symbol_round_trips_through_the_params_file(tmp_path):
     assert result.returncode == 0, result.stderr  # the vocabulary lacks the context's first 3
     assert result.stdout.startswith(rare[:3] + "abc")
 
-
-def test_bad_min_char_count_exits_2():
-    result = run_script("train.py", "--min_char_count=0", "--aim=False")
-    assert result.returncode == 2, result.stderr
-    assert "--min_char_count=0: must be >= 1" in result.stderr
-    assert "Traceback" not in result.stderr

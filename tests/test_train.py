@@ -250,6 +250,8 @@ def test_resume_keeps_the_saved_config_under_new_arguments(tiny_run):
     (["--decay_fraction=0"], "--decay_fraction=0.0: must be in (0, 1]"),
     (["--ema_decay=1"], "--ema_decay=1.0: must be in [0, 1)"),
     (["--weight_decay_final=-0.5"], "--weight_decay_final=-0.5: must be >= 0"),
+    (["--eval_chars=0"], "--eval_chars=0: must be >= 1"),
+    (["--min_char_count=0"], "--min_char_count=0: must be >= 1"),
 ])
 def test_bad_command_lines_exit_2_without_traceback(args, message):
     result = run_script("train.py", *args, f"--source_file={CORPUS}", "--aim=False")
