@@ -50,7 +50,7 @@ BYTE_ORDER_MARK = "\ufeff"
 UNKNOWN = "\ufffd"  # U+FFFD: in a bounded vocabulary (encoding.py), every character it lacks
 
 
-def known_text(path: str) -> KnownText | None:
+def _known(path: str) -> KnownText | None:
     """The known text that `path` is the fetched file of (same place), if any."""
     for text in TEXTS.values():
         if os.path.abspath(path) == os.path.abspath(text.file):
@@ -78,7 +78,16 @@ def read_text(path: str) -> str:
     tinyshakespeare.txt in this folder) has its SHA-256 checked; any other file is the user's.
     UserError, naming the file and what to do, if it is missing, unreadable, not UTF-8 or
     empty."""
-    known = known_text(path)
+    text = normalize(decode_utf8(read_bytes(path), path))
+    if not text:
+        raise empty_text(path)
+    return text
+
+
+def read_bytes(path: str) -> bytes:
+    """The bytes of a text file, a known text's SHA-256 checked; UserError, naming the file
+    and what to do, if it is missing, unreadable or the wrong file."""
+    known = _known(path)
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -89,17 +98,31 @@ def read_text(path: str) -> str:
         raise UserError(f"cannot read text file {path!r}: {e.strerror}.") from None
     if known:
         _check_sha256(raw, path, known)
+    return raw
+
+
+def decode_utf8(raw: bytes, path: str, offset: int = 0) -> str:
+    """`raw` (the bytes of `path` from `offset` on) as text; UserError naming the first byte
+    that is not UTF-8, and how to convert the file."""
     try:
-        text = normalize(raw.decode("utf-8"))
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(
-            f"{path!r} is not UTF-8 text: byte {e.start} is {raw[e.start:e.start + 1]!r} "
-            f"({e.reason}). Convert it first, e.g. `iconv -f latin1 -t utf-8 {path} > "
-            f"{os.path.splitext(path)[0]}.utf8.txt` for Latin-1.") from None
-    if not text:
-        raise UserError(f"{path!r} is empty: there is nothing to learn from. Pass a text "
-                        "file with at least a few thousand characters.")
-    return text
+            f"{path!r} is not UTF-8 text: byte {offset + e.start} is "
+            f"{raw[e.start:e.start + 1]!r} ({e.reason}). Convert it first, e.g. `iconv -f "
+            f"latin1 -t utf-8 {path} > {os.path.splitext(path)[0]}.utf8.txt` for Latin-1."
+        ) from None
+
+
+def empty_text(path: str) -> UserError:
+    return UserError(f"{path!r} is empty: there is nothing to learn from. Pass a text file "
+                     "with at least a few thousand characters.")
+
+
+def unknown_characters(chars) -> UserError:
+    """The error for characters a model's vocabulary lacks, each named with its code point."""
+    listed = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in chars)
+    return UserError(f"{len(chars)} character(s) not in the model's vocabulary: {listed}.")
 
 
 def fetch(name: str, dest: str | None = None) -> str:
@@ -151,8 +174,7 @@ def encode(text: str, vocab: str) -> np.ndarray:
         missing[:] = False
     unknown = sorted(set(text[i] for i in np.flatnonzero(missing)))
     if unknown:
-        listed = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in unknown)
-        raise UserError(f"{len(unknown)} character(s) not in the model's vocabulary: {listed}.")
+        raise unknown_characters(unknown)
     return ids.astype(np.int32)
 
 

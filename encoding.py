@@ -56,14 +56,7 @@ def _pieces(raw: bytes, path: str, progress: bool):
             end = min(begin + PIECE_BYTES, len(raw))
         while end < len(raw) and (raw[end] & 0xC0 == 0x80 or raw[end - 1:end + 1] == b"\r\n"):
             end += 1  # not inside a character, nor between CR and LF
-        try:
-            text = raw[begin:end].decode("utf-8")
-        except UnicodeDecodeError as e:
-            at = begin + e.start
-            raise UserError(
-                f"{path!r} is not UTF-8 text: byte {at} is {raw[at:at + 1]!r} ({e.reason}). "
-                f"Convert it first, e.g. `iconv -f latin1 -t utf-8 {path} > "
-                f"{os.path.splitext(path)[0]}.utf8.txt` for Latin-1.") from None
+        text = data.decode_utf8(raw[begin:end], path, begin)
         text = data.normalize(text) if begin == 0 else data.normalize("\n" + text)[1:]
         yield np.frombuffer(text.encode("utf-32-le"), np.uint32)
         bar.update(end - begin)
@@ -97,16 +90,8 @@ def _cache_path(path: str, digest: str) -> str:
 
 def _encoded(path: str) -> tuple[np.ndarray, np.ndarray, str]:
     """_count_and_encode of the file at `path`, from its cache where one was written."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError:
-        data.read_text(path)  # its message for a missing or unreadable file
-        raise
+    raw = data.read_bytes(path)
     digest = hashlib.sha256(raw).hexdigest()
-    known = data.known_text(path)
-    if known and digest != known.sha256:
-        data.read_text(path)  # its message for the wrong file
     cache = _cache_path(path, digest)
     if os.path.exists(cache):
         with np.load(cache, allow_pickle=False) as f:
@@ -114,8 +99,7 @@ def _encoded(path: str) -> tuple[np.ndarray, np.ndarray, str]:
                 return f["counts"], f["ids"], str(f["vocab"])
     counts, ids, vocab = _count_and_encode(raw, path)
     if not len(ids):
-        raise UserError(f"{path!r} is empty: there is nothing to learn from. Pass a text "
-                        "file with at least a few thousand characters.")
+        raise data.empty_text(path)
     if len(raw) >= CACHE_MIN_BYTES:
         _write_cache(cache, path, digest, counts, ids, vocab)
     return counts, ids, vocab
@@ -149,8 +133,7 @@ def remap(ids: np.ndarray, source: str, target: str) -> np.ndarray:
     table = np.array([position.get(c, fallback) for c in source], np.int64)
     missing = [c for c, i in zip(source, table) if i < 0]
     if missing:
-        listed = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in missing)
-        raise UserError(f"{len(missing)} character(s) not in the model's vocabulary: {listed}.")
+        raise data.unknown_characters(missing)
     if target == source:
         return ids
     return table.astype(id_dtype(len(target)))[ids]
