@@ -57,6 +57,7 @@ def _pieces(raw: bytes, path: str, progress: bool):
         while end < len(raw) and (raw[end] & 0xC0 == 0x80 or raw[end - 1:end + 1] == b"\r\n"):
             end += 1  # not inside a character, nor between CR and LF
         text = data.decode_utf8(raw[begin:end], path, begin)
+        # Only the file's first piece may start with the byte-order mark that normalize drops.
         text = data.normalize(text) if begin == 0 else data.normalize("\n" + text)[1:]
         yield np.frombuffer(text.encode("utf-32-le"), np.uint32)
         bar.update(end - begin)
