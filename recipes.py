@@ -17,6 +17,9 @@ from common import UserError
 class Config(NamedTuple):
     batch_size: int = 32           # sequences per step, each max_seq_len characters
     max_iters: int = 15000         # optimizer steps in the run; the schedule spans them
+    minutes: float = 0.0           # a budget of wall time instead (start-up and evaluations
+                                   # included): without --preset its recipe (budget.py); the
+                                   # rates decay as the time runs out (0: max_iters steps)
     learning_rate: float = 3e-4    # peak AdamW learning rate, reached after warmup_iters
     warmup_iters: int = 200        # linear warmup from 0: early Adam steps are noisy
     schedule: str = "cosine"       # after warmup: "cosine" decay, or "wsd" (warmup-stable-

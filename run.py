@@ -234,8 +234,9 @@ class Speed:
 
 
 def log_progress(run: Run, bar: tqdm, step: int, metrics: dict, tokens_per_s: float,
-                 rates: dict) -> None:
-    """Every log_interval steps: the training loss (a host sync), checked; the bar; Aim."""
+                 rates: dict[str, float]) -> None:
+    """Every log_interval steps: the training loss (a host sync), checked; the bar; Aim with
+    the learning rates of the update that made `step` (optimizer.current_rates)."""
     loss = float(metrics["loss"])
     if not math.isfinite(loss):
         raise NonFiniteLoss(
@@ -245,10 +246,11 @@ def log_progress(run: Run, bar: tqdm, step: int, metrics: dict, tokens_per_s: fl
                     tok_s=f"{tokens_per_s:.0f}")
     run.tracker.track(step, batch_loss=loss, grad_norm=metrics["grad_norm"],
                       tokens_per_s=tokens_per_s,
-                      **{name: rate(step - 1) for name, rate in rates.items()})
+                      **rates)
 
 
-def log_evaluation(run: Run, bar: tqdm, step: int, losses, tokens_per_s: float, rates: dict,
+def log_evaluation(run: Run, bar: tqdm, step: int, losses, tokens_per_s: float,
+                   rates: dict[str, float],
                    sample=None, eval_s: float | None = None) -> None:
     """One grep-able line per evaluation (also through pipes), with the evaluation's seconds
     (`eval_s`, the first one's compile included); both losses and a text sample
@@ -257,7 +259,7 @@ def log_evaluation(run: Run, bar: tqdm, step: int, losses, tokens_per_s: float, 
     if run.is_main:
         bar.write(f"step {step} | train {train_loss:.4f} | val {val_loss:.4f} | "
                   f"{tokens_per_s:.0f} tok/s | " + " | ".join(
-                      f"{name} {rate(step - 1):.2e}" for name, rate in rates.items())
+                      f"{name} {rate:.2e}" for name, rate in rates.items())
                   + ("" if eval_s is None else f" | evaluated in {eval_s:.1f} s"))
         sys.stdout.flush()
     for subset, loss in (("train", train_loss), ("val", val_loss)):

@@ -10,9 +10,13 @@ the step: train_step.py; its loss: objectives.py; the optimizer: optimizer.py; t
 files, log and plot: run.py.
 """
 
+import time
+
+STARTED = time.time()  # before the other imports (seconds): a --minutes budget counts them
+
+import functools
 import os
 import sys
-import time
 from typing import Callable, NamedTuple
 
 import haiku as hk
@@ -22,6 +26,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+import budget
 import checkpoint
 import data
 import encoding
@@ -31,7 +36,7 @@ import objectives
 import sampling
 import transformer
 from common import StopRequest, UserError, format_config, parse_overrides, run_main
-from optimizer import evaluated_params, hidden_matrices, learning_rates, make_optimizer
+from optimizer import current_rates, evaluated_params, hidden_matrices, make_optimizer
 from recipes import CONFIG, PRESETS, Config, check_config, choose_preset
 from run import (NonFiniteLoss, Run, Speed, log_evaluation, log_progress,
                  params_paths, plot_losses, plot_path)  # noqa: F401 (train.params_paths)
@@ -127,9 +132,9 @@ def set_up(config: Config, hparams: transformer.HParams, entered: float) -> Setu
     run = Run(config, hparams, vocab, ckpt.meta if ckpt else {}, compute_dtype,
               started=entered - (ckpt.meta.get("wall_s", 0.0) if ckpt else 0.0),
               is_main=jax.process_index() == 0)  # only process 0 writes files and tracks
+    until = f"{config.minutes:g} minutes" if config.minutes else config.max_iters
     run.say(f"run {run.hash}: {checkpoint.num_params(state.params):,} params, {text.note}, "
-            f"steps {int(state.step)} -> {config.max_iters}, "
-            f"params files {run.latest_path}[.min_val.pkl]\ncompute dtype: {compute_dtype} "
+            f"steps {int(state.step)} -> {until}, params files {run.latest_path}[.min_val.pkl]\ncompute dtype: {compute_dtype} "
             f"({why})")
     evaluate, val_chars = metrics.make_evaluate(hparams, len(vocab), ids,
                                                 config.eval_batch_size,
@@ -177,38 +182,40 @@ def save_checkpoints(run: Run, step: int, state: TrainState, params, losses) -> 
     run.save_latest(step, state)
 
 
-def train(config: Config, hparams: transformer.HParams, stop_at: int | None = None) -> dict:
-    """Runs training to config.max_iters (or to step `stop_at`, saving as an interrupt does):
-    step -> evaluate -> checkpoint -> log. Returns the run's meta: step, losses,
-    min_val_loss, history, run_hash, ..."""
-    setup = set_up(config, hparams, entered=time.time())
+def train(config: Config, hparams: transformer.HParams, stop_at: int | None = None,
+          started: float | None = None) -> dict:
+    """Runs training to config.max_iters, or for config.minutes from `started` (default: now;
+    budget.py), or to step `stop_at` (saving as an interrupt does): step -> evaluate ->
+    checkpoint -> log. Returns the run's meta: step, losses, min_val_loss, history, ..."""
+    setup = set_up(config, hparams, entered=started or time.time())
     state, run, step = setup.state, setup.run, int(setup.state.step)
-    rates = learning_rates(config)
+    plan = budget.plan(config, run.started)
     speed = Speed(config.batch_size * setup.hparams.max_seq_len)
-    bar = tqdm(total=config.max_iters, initial=step, unit="step", dynamic_ncols=True,
+    bar = tqdm(total=plan.total, initial=step, unit="step", dynamic_ncols=True,
                disable=not (sys.stderr.isatty() and run.is_main))
+    step_metrics = None
     try:
         with StopRequest() as stop:
-            while step < config.max_iters and stop.signum is None and step != stop_at:
-                state, step_metrics = setup.train_step(state, setup.train_ids, setup.teachers)
+            evaluates = isinstance(plan, budget.Clock)  # a timed run times one first
+            while True:
+                if evaluates:
+                    if step_metrics is not None:  # before each evaluation: a sync
+                        log_progress(run, bar, step, step_metrics, speed.measure(step_metrics),
+                                     current_rates(config, state.opt_state, step))
+                    evaluate_and_save(setup, state, step, plan, speed, bar)
+                if plan.finished(step) or stop.signum is not None or step == stop_at:
+                    break
+                state, step_metrics = setup.train_step(state, setup.train_ids, setup.teachers,
+                                                       plan.progress(step_metrics))
                 step += 1
                 speed.steps += 1
                 bar.update(1)
-                if (step % config.log_interval == 0 or step % config.eval_interval == 0
-                        or step == config.max_iters):  # before each evaluation: a sync
+                evaluates = plan.evaluates(step)
+                if step % config.log_interval == 0 and not evaluates:
                     log_progress(run, bar, step, step_metrics, speed.measure(step_metrics),
-                                 rates)
-                if step % config.eval_interval == 0 or step == config.max_iters:
-                    began = time.time()
-                    params, losses = evaluate_state(setup, state, step)
-                    eval_s = time.time() - began
-                    save_checkpoints(run, step, state, params, losses)
-                    log_evaluation(run, bar, step, losses, speed.tokens_per_s, rates,
-                                   setup.sample and (lambda: setup.sample(params, step)),
-                                   eval_s)
-                    speed.reset()
+                                 current_rates(config, state.opt_state, step))
             bar.close()
-            if step < config.max_iters:  # stopped early: by a signal, or at stop_at
+            if not plan.finished(step):  # stopped early: by a signal, or at stop_at
                 run.save_latest(step, state)
                 run.stopped(step, stop.signum)
     finally:  # also on a NaN loss or an error: the Aim run is closed, not left open
@@ -218,9 +225,23 @@ def train(config: Config, hparams: transformer.HParams, stop_at: int | None = No
     return run.meta
 
 
+def evaluate_and_save(setup: Setup, state: TrainState, step: int, plan, speed: Speed,
+                      bar: tqdm) -> None:
+    """An evaluation: the params files, its log line and Aim; its time to the plan."""
+    began = time.time()
+    params, losses = evaluate_state(setup, state, step)
+    eval_s = time.time() - began
+    save_checkpoints(setup.run, step, state, params, losses)
+    log_evaluation(setup.run, bar, step, losses, speed.tokens_per_s,
+                   current_rates(setup.config, state.opt_state, step),
+                   setup.sample and (lambda: setup.sample(params, step)), eval_s)
+    plan.evaluated(eval_s)
+    speed.reset()
+
+
 def resolve(argv) -> tuple[Config, transformer.HParams]:
-    """The run's config and HPARAMS: the arguments over the preset's settings (choose_preset)
-    or, with --resume, over the config saved in the params file (and its HPARAMS), so that a
+    """The run's config and HPARAMS: the arguments over the preset's settings (choose_preset;
+    with --minutes and no --preset, the budget's recipe: budget.recipe) or, with --resume, over the config saved in the params file (and its HPARAMS), so that a
     resumed run keeps its schedule without repeating its options."""
     config, _ = parse_overrides(argv, CONFIG, transformer.HPARAMS)
     if config.resume:
@@ -232,6 +253,9 @@ def resolve(argv) -> tuple[Config, transformer.HParams]:
         ckpt = checkpoint.load(config.resume)
         saved = {k: v for k, v in ckpt.meta.get("config", {}).items() if k in Config._fields}
         return parse_overrides(argv, CONFIG._replace(**saved), ckpt.hparams)
+    if config.minutes and config.preset == "auto":  # the budget's recipe
+        return parse_overrides(argv, *budget.recipe(config.minutes, CONFIG,
+                                                    transformer.HPARAMS))
     name, _ = choose_preset(config.preset)
     if name not in PRESETS:
         raise UserError(f"--preset={name}: unknown preset. Valid presets: auto, "
@@ -254,7 +278,8 @@ def start_distributed(config: Config) -> None:
                                config.process_id)
 
 
-def main(argv) -> int:
+def main(argv, started: float | None = None) -> int:
+    """`started`: when the process started (a --minutes budget counts from it)."""
     requested, _ = parse_overrides(argv, CONFIG, transformer.HPARAMS)
     if requested.distributed:  # before any other JAX call (choose_preset asks for the backend)
         start_distributed(requested)
@@ -265,15 +290,18 @@ def main(argv) -> int:
     if config.distributed and not requested.distributed:  # saved in the file it resumes
         start_distributed(config)
     check_config(config)
+    budget.check(config)
     try:
         transformer.validate(hparams)
     except ValueError as e:
         raise UserError(str(e)) from None
-    why = "the resumed run's" if config.resume else choose_preset(requested.preset)[1]
+    why = ("the resumed run's" if config.resume else
+           budget.explain(config, hparams) if config.preset.startswith("minutes") else
+           choose_preset(requested.preset)[1])
     print(f"devices: {jax.devices()}\npreset: {config.preset} ({why})\nconfig:\n"
           f"{format_config(config)}\nhparams:\n{format_config(hparams)}", file=sys.stderr)
     try:
-        meta = train(config, hparams)
+        meta = train(config, hparams, started=started)
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -283,4 +311,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    run_main(main, __doc__, [CONFIG, transformer.HPARAMS], {"auto": None, **PRESETS})
+    run_main(functools.partial(main, started=STARTED), __doc__, [CONFIG, transformer.HPARAMS], {"auto": None, **PRESETS})

@@ -29,7 +29,8 @@ def make_mesh() -> jax.sharding.Mesh:
 def make_train_step(loss: hk.Transformed, optimizer, batch_size: int, seq_len: int,
                     batch_sharding: jax.sharding.Sharding | None = None,
                     shuffle_key: jax.Array | None = None, soft_targets: Callable | None = None):
-    """jitted (state, train_ids[, teacher_params]) -> (state, metrics): one optimizer step of
+    """jitted (state, train_ids[, teacher_params, progress]) -> (state, metrics): one optimizer
+    step of
     `loss` (objectives.build_loss) on a batch of random windows or, with `shuffle_key`, on
     the next batch of data.shuffled_starts's passes; `soft_targets` (objectives.Teachers'
     targets: (teacher_params, train_ids, starts) -> [B, T, V]) gives each position's soft
@@ -38,7 +39,8 @@ def make_train_step(loss: hk.Transformed, optimizer, batch_size: int, seq_len: i
     With `batch_sharding`, the batch is split across the mesh and, since the state is
     replicated, XLA all-reduces the gradients: plain data parallelism.
     """
-    def train_step(state: TrainState, train_ids: jax.Array, teacher_params=None):
+    def train_step(state: TrainState, train_ids: jax.Array, teacher_params=None,
+                   progress=None):
         rng, batch_key, dropout_key = jax.random.split(state.rng, 3)
         if shuffle_key is None:
             starts = data.sample_starts(batch_key, train_ids.shape[0], batch_size, seq_len)
@@ -55,7 +57,8 @@ def make_train_step(loss: hk.Transformed, optimizer, batch_size: int, seq_len: i
                 (inputs, targets, soft), batch_sharding)
         (_, next_loss), grads = jax.value_and_grad(loss.apply, has_aux=True)(
             state.params, dropout_key, inputs, targets, soft)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        extra = {} if progress is None else {"progress": progress}  # a timed run's rates
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extra)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": next_loss, "grad_norm": optax.tree.norm(grads)}
         return TrainState(params, opt_state, rng, state.step + 1), metrics
