@@ -11,6 +11,7 @@ import time
 
 import jax
 
+import recipes
 from common import UserError
 
 # Seconds kept after the last step beyond the final evaluation's: the params files, the plot.
@@ -19,23 +20,23 @@ MARGIN_S = 2.0
 # The recipe for each budget in minutes (a shorter budget gets the 2-minute recipe, one
 # between two the shorter one's): Config settings, HPARAMS settings, and the evaluations
 # spread over the run (besides the first, which times one). Found on Tiny Shakespeare and
-# Cervantes on a 2-core AMD EPYC Zen 4 (docs/benchmarks.md, "Budgets"); every budget decays
-# the learning rates linearly to zero over the whole run, without an averaged copy.
-_METHODS = dict(optimizer="muon", schedule="wsd", decay_fraction=1.0, min_lr_ratio=0.0,
-                batches="shuffled", ema_decay=0.0, ahead_loss=0.0, warmup_iters=50,
-                learning_rate=3e-3, muon_learning_rate=0.02, weight_decay=0.1)
+# Cervantes on a 2-core AMD EPYC Zen 4 (docs/results.md, "Budgets"): up to 20 minutes a
+# 4 x 128 streaming model reading 64 characters (wider ones train too few characters in the
+# time), Muon, no dropout, the learning rates falling linearly to zero over the whole run;
+# an hour is the `cpu` preset's recipe, timed.
+_SHORT = dict(optimizer="muon", schedule="wsd", decay_fraction=1.0, min_lr_ratio=0.0,
+              batches="shuffled", ema_decay=0.0, ahead_loss=0.0, warmup_iters=50,
+              learning_rate=3e-3, muon_learning_rate=0.02, weight_decay=0.1)
 _SMALL = dict(d_model=128, h=4, d_ff=512, decoder_N=4, dropout=0.0, max_seq_len=64,
               positions="rotary", attention_window=64)
+_HOUR = recipes.PRESETS["cpu"]
 BUDGETS = {
-    2: (dict(_METHODS, batch_size=16), _SMALL, 1),
-    5: (dict(_METHODS, batch_size=16), dict(_SMALL, d_model=192, d_ff=768), 2),
-    10: (dict(_METHODS, batch_size=16), dict(_SMALL, d_model=256, d_ff=1024), 2),
-    20: (dict(_METHODS, batch_size=32, muon_learning_rate=0.01, weight_decay=0.3),
-         dict(_SMALL, d_model=256, d_ff=1024, max_seq_len=128, attention_window=128,
-              dropout=0.1), 4),
-    60: (dict(_METHODS, batch_size=32, muon_learning_rate=0.01, weight_decay=0.3),
-         dict(_SMALL, d_model=256, d_ff=1024, decoder_N=6, max_seq_len=128,
-              attention_window=128, dropout=0.1), 10),
+    2: (dict(_SHORT, batch_size=16), _SMALL, 1),
+    5: (dict(_SHORT, batch_size=32), _SMALL, 2),
+    10: (dict(_SHORT, batch_size=32), _SMALL, 2),
+    20: (dict(_SHORT, batch_size=32), _SMALL, 4),
+    60: ({name: getattr(_HOUR[0], name) for name in (*_SHORT, "batch_size")},
+         _HOUR[1]._asdict(), 10),
 }
 
 
@@ -56,7 +57,7 @@ def explain(config, hparams) -> str:
     return (f"--minutes={config.minutes:g}: the {chosen(config.minutes)}-minute recipe, a "
             f"{hparams.decoder_N} x {hparams.d_model} model reading {hparams.max_seq_len} "
             f"characters, batches of {config.batch_size}, as many steps as the time holds, "
-            "the learning rates decaying to zero as it runs out (docs/benchmarks.md, "
+            "the learning rates decaying as it runs out (docs/results.md, "
             "\"Budgets\")")
 
 
