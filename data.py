@@ -11,7 +11,7 @@ import hashlib
 import os
 import sys
 import urllib.request
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -220,51 +220,19 @@ def windows_per_pass(num_ids: int, seq_len: int) -> int:
     return (num_ids - seq_len) // seq_len
 
 
-def pass_windows(key: jax.Array, pass_index: jax.Array, num_ids: int,
-                 seq_len: int) -> jax.Array:
-    """[windows_per_pass] the window starts of shuffled pass `pass_index` over ids of length
-    num_ids, in the order it visits them: the pass cuts the ids into windows at its own random
-    offset and visits them in its own random order, so that every character is trained on
-    once per pass (random windows miss some and repeat others). `key` is fixed for the run."""
-    pass_key = jax.random.fold_in(key, pass_index)
-    offset = jax.random.randint(jax.random.fold_in(pass_key, 0), (), 0, seq_len)
-    order = jax.random.permutation(jax.random.fold_in(pass_key, 1),
-                                   windows_per_pass(num_ids, seq_len))
-    return offset + seq_len * order
-
-
-def batch_of_pass(windows: jax.Array, step: jax.Array, batch_size: int) -> jax.Array:
-    """[B] the starts of batch `step` (of all the passes) among its pass's `windows`."""
-    batches = windows.shape[0] // batch_size                         # whole batches in it
-    return jax.lax.dynamic_slice_in_dim(windows, (step % batches) * batch_size, batch_size)
-
-
 def shuffled_starts(key: jax.Array, step: jax.Array, num_ids: int, batch_size: int,
                     seq_len: int) -> jax.Array:
-    """[B] window starts of batch `step` of shuffled passes (pass_windows) over ids of length
-    num_ids: the step picks pass and batch."""
-    batches = windows_per_pass(num_ids, seq_len) // batch_size
-    return batch_of_pass(pass_windows(key, step // batches, num_ids, seq_len), step,
-                         batch_size)
-
-
-class ShuffledPasses:
-    """shuffled_starts's passes, each pass's windows drawn once on the host's call and put on
-    the devices by `put` (drawn in the step, a permutation of a small model's 15,000 windows
-    cost 15% of its step): `passes(step)` -> the windows of step's pass, for batch_of_pass."""
-
-    def __init__(self, key: jax.Array, num_ids: int, batch_size: int, seq_len: int,
-                 put: Callable = jnp.asarray):
-        self.batches = windows_per_pass(num_ids, seq_len) // batch_size
-        draw = jax.jit(pass_windows, static_argnums=(2, 3))
-        self.draw = lambda index: put(np.asarray(draw(key, index, num_ids, seq_len)))
-        self.index, self.windows = None, None
-
-    def __call__(self, step: int) -> jax.Array:
-        if step // self.batches != self.index:
-            self.index = step // self.batches
-            self.windows = self.draw(self.index)
-        return self.windows
+    """[B] window starts of batch `step` of shuffled passes over ids of length num_ids: each
+    pass cuts them into windows at its own random offset and visits them in its own random
+    order, so that every character is trained on once per pass (random windows miss some and
+    repeat others). `key` is fixed for the run; the step picks pass and batch."""
+    per_pass = windows_per_pass(num_ids, seq_len)
+    batches = per_pass // batch_size                                  # whole batches in it
+    pass_key = jax.random.fold_in(key, step // batches)
+    offset = jax.random.randint(jax.random.fold_in(pass_key, 0), (), 0, seq_len)
+    order = jax.random.permutation(jax.random.fold_in(pass_key, 1), per_pass)
+    return offset + seq_len * jax.lax.dynamic_slice_in_dim(
+        order, (step % batches) * batch_size, batch_size)
 
 
 def window_batch(ids: jax.Array, starts: jax.Array, seq_len: int):

@@ -88,9 +88,7 @@ class Setup(NamedTuple):
     config: Config
     hparams: transformer.HParams  # the run's (a resumed run's come from its file)
     state: TrainState             # on the devices, replicated
-    train_step: Callable          # jitted (state, train_ids, teachers, progress, windows)
-                                  # -> (state, metrics)
-    passes: Callable              # step -> its pass's windows (data.ShuffledPasses), or None
+    train_step: Callable          # jitted (state, train_ids, teachers) -> (state, metrics)
     train_ids: jax.Array          # the training split, on every device
     teachers: tuple | None        # with --teachers: their tables or params (objectives.py)
     evaluate: Callable            # params -> (train_loss, val_loss) over the fixed windows
@@ -125,12 +123,11 @@ def set_up(config: Config, hparams: transformer.HParams, entered: float) -> Setu
     mesh = make_mesh()
     replicated = NamedSharding(mesh, P())
     put = lambda tree: jax.tree.map(lambda x: data.put(np.asarray(x), replicated), tree)
-    passes = (data.ShuffledPasses(jax.random.fold_in(jax.random.PRNGKey(config.prng_seed), 1),
-                                  len(train_ids), config.batch_size, hparams.max_seq_len,
-                                  lambda x: data.put(x, replicated))
-              if config.batches == "shuffled" else lambda step: None)
+    shuffle_key = (jax.random.fold_in(jax.random.PRNGKey(config.prng_seed), 1)
+                   if config.batches == "shuffled" else None)
     train_step = make_train_step(loss, optimizer, config.batch_size, hparams.max_seq_len,
-                                 NamedSharding(mesh, P("data")), teachers and teachers.targets)
+                                 NamedSharding(mesh, P("data")), shuffle_key,
+                                 teachers and teachers.targets)
     state = put(state)
     run = Run(config, hparams, vocab, ckpt.meta if ckpt else {}, compute_dtype,
               started=entered - (ckpt.meta.get("wall_s", 0.0) if ckpt else 0.0),
@@ -148,7 +145,7 @@ def set_up(config: Config, hparams: transformer.HParams, entered: float) -> Setu
         run.say(f"teachers: {config.teachers} (distill_weight {config.distill_weight})")
     sample = (make_sample(hparams, vocab, config.sample_chars)
               if config.sample_chars and run.tracker.run is not None else None)
-    return Setup(config, hparams, state, train_step, passes, put(train_ids),
+    return Setup(config, hparams, state, train_step, put(train_ids),
                  teachers and put(teachers.params), evaluate, sample, run)
 
 
@@ -209,8 +206,7 @@ def train(config: Config, hparams: transformer.HParams, stop_at: int | None = No
                 if plan.finished(step) or stop.signum is not None or step == stop_at:
                     break
                 state, step_metrics = setup.train_step(state, setup.train_ids, setup.teachers,
-                                                       plan.progress(step_metrics),
-                                                       setup.passes(step))
+                                                       plan.progress(step_metrics))
                 step += 1
                 speed.steps += 1
                 bar.update(1)

@@ -28,25 +28,25 @@ def make_mesh() -> jax.sharding.Mesh:
 
 def make_train_step(loss: hk.Transformed, optimizer, batch_size: int, seq_len: int,
                     batch_sharding: jax.sharding.Sharding | None = None,
-                    soft_targets: Callable | None = None):
-    """jitted (state, train_ids[, teacher_params, progress, pass_windows]) -> (state,
-    metrics): one optimizer step of `loss` (objectives.build_loss) on a batch of random
-    windows or, given its pass's `pass_windows` (data.ShuffledPasses), on the next batch of
-    the shuffled passes; `progress` (a timed run's share of its time) sets the optimizer's
-    Clocked rates; `soft_targets` (objectives.Teachers' targets: (teacher_params, train_ids,
-    starts) -> [B, T, V]) gives each position's soft target. metrics["loss"] is the next
-    character's alone, as evaluation measures it.
+                    shuffle_key: jax.Array | None = None, soft_targets: Callable | None = None):
+    """jitted (state, train_ids[, teacher_params, progress]) -> (state, metrics): one optimizer
+    step of
+    `loss` (objectives.build_loss) on a batch of random windows or, with `shuffle_key`, on
+    the next batch of data.shuffled_starts's passes; `soft_targets` (objectives.Teachers'
+    targets: (teacher_params, train_ids, starts) -> [B, T, V]) gives each position's soft
+    target. metrics["loss"] is the next character's alone, as evaluation measures it.
 
     With `batch_sharding`, the batch is split across the mesh and, since the state is
     replicated, XLA all-reduces the gradients: plain data parallelism.
     """
     def train_step(state: TrainState, train_ids: jax.Array, teacher_params=None,
-                   progress=None, pass_windows=None):
+                   progress=None):
         rng, batch_key, dropout_key = jax.random.split(state.rng, 3)
-        if pass_windows is None:
+        if shuffle_key is None:
             starts = data.sample_starts(batch_key, train_ids.shape[0], batch_size, seq_len)
         else:
-            starts = data.batch_of_pass(pass_windows, state.step, batch_size)
+            starts = data.shuffled_starts(shuffle_key, state.step, train_ids.shape[0],
+                                          batch_size, seq_len)
         if batch_sharding is not None:  # each device reads its share of the windows
             starts = jax.lax.with_sharding_constraint(starts, batch_sharding)
         inputs, targets = data.window_batch(train_ids, starts, seq_len)
