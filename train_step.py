@@ -29,12 +29,12 @@ def make_mesh() -> jax.sharding.Mesh:
 def make_train_step(loss: hk.Transformed, optimizer, batch_size: int, seq_len: int,
                     batch_sharding: jax.sharding.Sharding | None = None,
                     shuffle_key: jax.Array | None = None, soft_targets: Callable | None = None):
-    """jitted (state, train_ids[, teacher_params, progress]) -> (state, metrics): one optimizer
-    step of
-    `loss` (objectives.build_loss) on a batch of random windows or, with `shuffle_key`, on
-    the next batch of data.shuffled_starts's passes; `soft_targets` (objectives.Teachers'
-    targets: (teacher_params, train_ids, starts) -> [B, T, V]) gives each position's soft
-    target. metrics["loss"] is the next character's alone, as evaluation measures it.
+    """jitted (state, train_ids[, teacher_params, progress]) -> (state, metrics): one
+    optimizer step of `loss` (objectives.build_loss) on a batch of random windows or, with
+    `shuffle_key`, on the next batch of data.shuffled_starts's passes; `progress` (a timed
+    run's share of its time spent) sets the optimizer's Clocked rates; `soft_targets`
+    (objectives.Teachers' targets: (teacher_params, train_ids, starts) -> [B, T, V]) gives
+    each position's soft target. metrics["loss"] is the next character's alone, as evaluation measures it.
 
     With `batch_sharding`, the batch is split across the mesh and, since the state is
     replicated, XLA all-reduces the gradients: plain data parallelism.
