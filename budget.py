@@ -1,5 +1,5 @@
 """Training for a budget of wall time, `train.py --minutes=N`: the recipe for N minutes
-(BUDGETS, found by measurement: docs/benchmarks.md), and the plan that paces a run: Steps
+(BUDGETS, found by measurement: docs/results.md), and the plan that paces a run: Steps
 (max_iters steps, an evaluation every eval_interval) or, with --minutes, Clock (as many steps
 as the budget holds: the learning rates decay with the share of the budget spent, as in
 budgeted training (Li et al. 2020), so a slower or busier host gets a shorter run, not a
@@ -20,10 +20,11 @@ MARGIN_S = 2.0
 # The recipe for each budget in minutes (a shorter budget gets the 2-minute recipe, one
 # between two the shorter one's): Config settings, HPARAMS settings, and the evaluations
 # spread over the run (besides the first, which times one). Found on Tiny Shakespeare and
-# Cervantes on a 2-core AMD EPYC Zen 4 (docs/results.md, "Budgets"): up to 20 minutes a
-# 4 x 128 streaming model reading 64 characters (wider ones train too few characters in the
-# time), Muon, no dropout, the learning rates falling linearly to zero over the whole run;
-# an hour is the `cpu` preset's recipe, timed.
+# Cervantes on a 2-core AMD EPYC Zen 4 (docs/results.md, "Budgets"): a 4 x 128 streaming
+# model reading 64 characters (a wider one trains too few characters in the time), Muon, no
+# dropout, the learning rates falling linearly to zero over the whole run; measured at 2, 5
+# and 10 minutes. 20 minutes takes the 10-minute recipe and an hour the `cpu` preset's,
+# both unmeasured as timed runs.
 _SHORT = dict(optimizer="muon", schedule="wsd", decay_fraction=1.0, min_lr_ratio=0.0,
               batches="shuffled", ema_decay=0.0, ahead_loss=0.0, warmup_iters=50,
               learning_rate=3e-3, muon_learning_rate=0.02, weight_decay=0.1)
