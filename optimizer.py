@@ -65,7 +65,8 @@ class Clocked:
 
 def learning_rates(config) -> dict:
     """Each optimizer part's rate under its config name: learning_rate (AdamW: all the
-    params, or under Muon its AdamW part) and, with Muon, muon_learning_rate: schedules of the step or, with config.minutes, Clocked rates of the budget's progress."""
+    params, or under Muon its AdamW part) and, with Muon, muon_learning_rate: schedules of
+    the step or, with config.minutes, Clocked rates of the budget's progress."""
     peaks = {"learning_rate": config.learning_rate}
     if config.optimizer == "muon":
         peaks["muon_learning_rate"] = config.muon_learning_rate

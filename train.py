@@ -4,10 +4,11 @@ Each step is one jitted function (draw a batch on the device, the objectives' lo
 dropout, the optimizer's update). Every eval_interval steps: the loss over the validation
 split (a fixed sample of it past eval_chars characters) and as many training windows, the
 latest params file, the best one (`.min_val.pkl`) when validation improves, one log line,
-and Aim metrics with a text sample. Ctrl-C or SIGTERM saves the latest params file and
-prints how to resume. The text as ids: encoding.py; the config and its recipes: recipes.py;
-the step: train_step.py; its loss: objectives.py; the optimizer: optimizer.py; the run's
-files, log and plot: run.py.
+and Aim metrics with a text sample. `--minutes=N` trains for N minutes of wall time instead
+(budget.py: the recipe, the steps, the evaluations). Ctrl-C or SIGTERM saves the latest
+params file and prints how to resume. The text as ids: encoding.py; the config and its
+recipes: recipes.py; the step: train_step.py; its loss: objectives.py; the optimizer:
+optimizer.py; the run's files, log and plot: run.py.
 """
 
 import time
@@ -134,8 +135,8 @@ def set_up(config: Config, hparams: transformer.HParams, entered: float) -> Setu
               is_main=jax.process_index() == 0)  # only process 0 writes files and tracks
     until = f"{config.minutes:g} minutes" if config.minutes else config.max_iters
     run.say(f"run {run.hash}: {checkpoint.num_params(state.params):,} params, {text.note}, "
-            f"steps {int(state.step)} -> {until}, params files {run.latest_path}[.min_val.pkl]\ncompute dtype: {compute_dtype} "
-            f"({why})")
+            f"steps {int(state.step)} -> {until}, params files {run.latest_path}[.min_val.pkl]"
+            f"\ncompute dtype: {compute_dtype} ({why})")
     evaluate, val_chars = metrics.make_evaluate(hparams, len(vocab), ids,
                                                 config.eval_batch_size,
                                                 NamedSharding(mesh, P(None, "data")),
@@ -241,7 +242,8 @@ def evaluate_and_save(setup: Setup, state: TrainState, step: int, plan, speed: S
 
 def resolve(argv) -> tuple[Config, transformer.HParams]:
     """The run's config and HPARAMS: the arguments over the preset's settings (choose_preset;
-    with --minutes and no --preset, the budget's recipe: budget.recipe) or, with --resume, over the config saved in the params file (and its HPARAMS), so that a
+    with --minutes and no --preset, the budget's recipe: budget.recipe) or, with --resume,
+    over the config saved in the params file (and its HPARAMS), so that a
     resumed run keeps its schedule without repeating its options."""
     config, _ = parse_overrides(argv, CONFIG, transformer.HPARAMS)
     if config.resume:
@@ -311,4 +313,5 @@ def main(argv, started: float | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_main(functools.partial(main, started=STARTED), __doc__, [CONFIG, transformer.HPARAMS], {"auto": None, **PRESETS})
+    run_main(functools.partial(main, started=STARTED), __doc__, [CONFIG, transformer.HPARAMS],
+             {"auto": None, **PRESETS})

@@ -34,7 +34,8 @@ def make_train_step(loss: hk.Transformed, optimizer, batch_size: int, seq_len: i
     `shuffle_key`, on the next batch of data.shuffled_starts's passes; `progress` (a timed
     run's share of its time spent) sets the optimizer's Clocked rates; `soft_targets`
     (objectives.Teachers' targets: (teacher_params, train_ids, starts) -> [B, T, V]) gives
-    each position's soft target. metrics["loss"] is the next character's alone, as evaluation measures it.
+    each position's soft target. metrics["loss"] is the next character's alone, as
+    evaluation measures it.
 
     With `batch_sharding`, the batch is split across the mesh and, since the state is
     replicated, XLA all-reduces the gradients: plain data parallelism.
