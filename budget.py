@@ -89,8 +89,8 @@ class Steps:
 
 class Clock:
     """The plan of a run of `minutes` of wall time from `started` (the process's start, or a
-    resumed run's first): an evaluation first (timing it), then steps until the time left is
-    the final evaluation's (MARGIN_S more), `evaluations` evaluations spread over that time.
+    resumed run's first): an evaluation first (timing it, its compiling aside), then steps
+    until the time left is the final evaluation's (MARGIN_S more), `evaluations` evaluations spread over that time.
     progress(): the share of the steps' time spent, 0 to 1, never decreasing."""
 
     total = None  # steps: as many as the time holds
@@ -102,8 +102,8 @@ class Clock:
         self.last = 0.0
 
     def evaluated(self, seconds: float) -> None:
-        """An evaluation took `seconds`: the final one is kept that long (the first, which
-        compiles, starts the clock)."""
+        """An evaluation took `seconds`, its compiling not counted (CompileTime): the final
+        one is kept that long; the first starts the clock."""
         self.end = self.deadline - seconds - MARGIN_S
         if self.begin is None:
             self.begin = time.time()
@@ -133,6 +133,28 @@ class Clock:
             self.done_evaluations += 1
             return True
         return False
+
+
+class CompileTime:
+    """`with CompileTime() as compiling:` the seconds JAX spends tracing and compiling inside
+    the block (jax.monitoring's events), `compiling.seconds`: what a first call costs beyond
+    the later ones."""
+
+    EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+              "/jax/core/compile/jaxpr_to_mlir_module_duration",
+              "/jax/core/compile/backend_compile_duration")
+
+    def __enter__(self):
+        self.seconds = 0.0
+        jax.monitoring.register_event_duration_secs_listener(self._record)
+        return self
+
+    def _record(self, event: str, seconds: float, **kwargs) -> None:
+        if event in self.EVENTS:
+            self.seconds += seconds
+
+    def __exit__(self, *exc) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._record)
 
 
 def plan(config, started: float) -> Steps | Clock:

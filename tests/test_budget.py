@@ -18,16 +18,16 @@ from conftest import TINY, run_script, tiny_config
 
 
 def test_a_timed_run_keeps_its_budget_and_ends_at_its_final_rates(tmp_path, capsys):
-    """18 s of a tiny model: the call returns within a few percent of 18 s, having
+    """30 s of a tiny model: the call returns within a few percent of 30 s, having
     evaluated first and last (the 2-minute recipe's single evaluation), and the last
     update's rates are the schedules' ends (cosine to learning_rate * min_lr_ratio)."""
-    config = tiny_config(tmp_path, minutes=0.3, schedule="cosine", min_lr_ratio=0.1,
+    config = tiny_config(tmp_path, minutes=0.5, schedule="cosine", min_lr_ratio=0.1,
                          learning_rate=3e-3, optimizer="muon", muon_learning_rate=0.02,
                          max_iters=10)  # max_iters: not a bound of a timed run
     began = time.time()
     meta = train.train(config, TINY)
     seconds = time.time() - began
-    assert 0.9 * 18 <= seconds <= 1.03 * 18
+    assert 0.92 * 30 <= seconds <= 1.03 * 30
     assert meta["history"]["step"] == [0, meta["step"]] and meta["step"] > 100
     last = [l for l in capsys.readouterr().out.splitlines()
             if l.startswith(f"step {meta['step']} |")][0]
