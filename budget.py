@@ -22,9 +22,9 @@ MARGIN_S = 2.0
 # spread over the run (besides the first, which times one). Found on Tiny Shakespeare and
 # Cervantes on a 2-core AMD EPYC Zen 4 (docs/results.md, "Budgets"): a 4 x 128 streaming
 # model reading 64 characters (a wider one trains too few characters in the time), Muon, no
-# dropout, the learning rates falling linearly to zero over the whole run; measured at 2, 5
-# and 10 minutes. 20 minutes takes the 10-minute recipe and an hour the `cpu` preset's,
-# both unmeasured as timed runs.
+# dropout, the learning rates falling linearly to zero over the whole run; measured at 2, 5,
+# 10 and (Tiny Shakespeare) 20 minutes, where it gains little over 10. An hour takes the
+# `cpu` preset's recipe, unmeasured as a timed run.
 _SHORT = dict(optimizer="muon", schedule="wsd", decay_fraction=1.0, min_lr_ratio=0.0,
               batches="shuffled", ema_decay=0.0, ahead_loss=0.0, warmup_iters=50,
               learning_rate=3e-3, muon_learning_rate=0.02, weight_decay=0.1)
@@ -90,7 +90,8 @@ class Steps:
 class Clock:
     """The plan of a run of `minutes` of wall time from `started` (the process's start, or a
     resumed run's first): an evaluation first (timing it, its compiling aside), then steps
-    until the time left is the final evaluation's (MARGIN_S more), `evaluations` evaluations spread over that time.
+    until the time left is the final evaluation's (MARGIN_S more), `evaluations`
+    evaluations spread over that time.
     progress(): the share of the steps' time spent, 0 to 1, never decreasing."""
 
     total = None  # steps: as many as the time holds
