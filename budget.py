@@ -162,12 +162,3 @@ def plan(config, started: float) -> Steps | Clock:
     return (Clock(config.minutes, started, evaluations(config.minutes)) if config.minutes
             else Steps(config))
 
-
-def check(config) -> None:
-    """UserError for --minutes out of range or where a budget cannot be kept."""
-    if config.minutes < 0 or not math.isfinite(config.minutes):
-        raise UserError(f"--minutes={config.minutes}: must be a positive number of minutes "
-                        "(0: no budget, train max_iters steps).")
-    if config.minutes and jax.process_count() > 1:
-        raise UserError("--minutes with several hosts: their clocks would set different "
-                        "learning rates; give --max_iters instead.")

@@ -3,6 +3,7 @@ bench.py times them too. `python train.py --preset=NAME` starts from a recipe; e
 --name=value still wins. The resolved config is saved in each params file.
 """
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -139,6 +140,12 @@ def check_config(config: Config) -> None:
         raise UserError(f"--learning_rate={config.learning_rate}: must be > 0.")
     if not 0 <= config.min_lr_ratio <= 1:
         raise UserError(f"--min_lr_ratio={config.min_lr_ratio}: must be in [0, 1].")
+    if config.minutes < 0 or not math.isfinite(config.minutes):
+        raise UserError(f"--minutes={config.minutes}: must be a positive number of minutes "
+                        "(0: no budget, train max_iters steps).")
+    if config.minutes and jax.process_count() > 1:
+        raise UserError("--minutes with several hosts: their clocks would set different "
+                        "learning rates; give --max_iters instead.")
     for name in ("warmup_iters", "sample_chars", "weight_decay", "weight_decay_final",
                  "grad_clip", "ahead_loss"):
         value = getattr(config, name)

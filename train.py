@@ -293,7 +293,6 @@ def main(argv, started: float | None = None) -> int:
     if config.distributed and not requested.distributed:  # saved in the file it resumes
         start_distributed(config)
     check_config(config)
-    budget.check(config)
     try:
         transformer.validate(hparams)
     except ValueError as e:
