@@ -9,6 +9,7 @@ from typing import NamedTuple
 import jax
 
 import data
+import train_step
 import transformer
 from common import UserError
 
@@ -61,6 +62,9 @@ class Config(NamedTuple):
                                    # Shakespeare's: 872 windows of 128, the larger), else
                                    # evenly spread windows, the same in every run of a text;
                                    # as many of the training split. eval.py reads it whole
+    cpu_devices: int = 0           # on one CPU host, the per-core devices the batch is split
+                                   # across (0: as many as divide the batches with AdamW,
+                                   # one with Muon: train_step.mesh_devices)
     log_interval: int = 10         # steps between progress updates (each syncs the host)
     resume: str = ""               # params file (`params/params.<hash>.pkl`) to continue
     params_dir: str = "params"     # where params files and the loss plot go
@@ -130,12 +134,17 @@ def check_config(config: Config) -> None:
                  "log_interval", "eval_chars", "min_char_count"):
         if getattr(config, name) < 1:
             raise UserError(f"--{name}={getattr(config, name)}: must be >= 1.")
+    if config.cpu_devices < 0 or (config.cpu_devices > jax.device_count() and
+                                  jax.devices()[0].platform == "cpu"):
+        raise UserError(f"--cpu_devices={config.cpu_devices}: must be from 0 (pick) to this "
+                        f"host's {jax.device_count()} CPU devices (one per core).")
+    devices = len(train_step.mesh_devices(config))
     for name in ("batch_size", "eval_batch_size"):
-        if getattr(config, name) % jax.device_count():
+        if getattr(config, name) % devices:
             raise UserError(
-                f"--{name}={getattr(config, name)} is not divisible by the {jax.device_count()}"
+                f"--{name}={getattr(config, name)} is not divisible by the {devices}"
                 f" devices ({jax.devices()[0].platform}) it is split across: use a multiple "
-                f"of {jax.device_count()}.")
+                f"of {devices}.")
     if not config.learning_rate > 0:
         raise UserError(f"--learning_rate={config.learning_rate}: must be > 0.")
     if not 0 <= config.min_lr_ratio <= 1:

@@ -41,7 +41,8 @@ from optimizer import current_rates, evaluated_params, hidden_matrices, make_opt
 from recipes import CONFIG, PRESETS, Config, check_config, choose_preset
 from run import (NonFiniteLoss, Run, Speed, log_evaluation, log_progress,
                  params_paths, plot_losses, plot_path)  # noqa: F401 (train.params_paths)
-from train_step import TrainState, init_state, make_mesh, make_train_step
+from train_step import (TrainState, init_state, make_mesh, make_train_step, mesh_devices,
+                        split_cpu_cores)
 
 
 def resumed_state(config: Config, ckpt: checkpoint.Checkpoint, optimizer) -> TrainState:
@@ -121,7 +122,7 @@ def set_up(config: Config, hparams: transformer.HParams, entered: float) -> Setu
     train_ids, val_ids = data.split(ids)
     teachers = (objectives.make_teachers(config.teachers, vocab, hparams.max_seq_len,
                                          train_ids) if config.teachers else None)
-    mesh = make_mesh()
+    mesh = make_mesh(mesh_devices(config))
     replicated = NamedSharding(mesh, P())
     put = lambda tree: jax.tree.map(lambda x: data.put(np.asarray(x), replicated), tree)
     shuffle_key = (jax.random.fold_in(jax.random.PRNGKey(config.prng_seed), 1)
@@ -286,12 +287,17 @@ def main(argv, started: float | None = None) -> int:
     requested, _ = parse_overrides(argv, CONFIG, transformer.HPARAMS)
     if requested.distributed:  # before any other JAX call (choose_preset asks for the backend)
         start_distributed(requested)
+    elif not requested.resume:  # a resumed run's: as saved in its file, below
+        split_cpu_cores()
     config, hparams = resolve(argv)
     if config.plot_only:
         plot_only(config.plot_only)
         return 0
-    if config.distributed and not requested.distributed:  # saved in the file it resumes
-        start_distributed(config)
+    if config.resume and not requested.distributed:  # as saved in the file it resumes
+        if config.distributed:
+            start_distributed(config)
+        else:
+            split_cpu_cores()
     check_config(config)
     try:
         transformer.validate(hparams)
@@ -300,7 +306,7 @@ def main(argv, started: float | None = None) -> int:
     why = ("the resumed run's" if config.resume else
            budget.explain(config, hparams) if config.preset.startswith("minutes") else
            choose_preset(requested.preset)[1])
-    print(f"devices: {jax.devices()}\npreset: {config.preset} ({why})\nconfig:\n"
+    print(f"devices: {mesh_devices(config)}\npreset: {config.preset} ({why})\nconfig:\n"
           f"{format_config(config)}\nhparams:\n{format_config(hparams)}", file=sys.stderr)
     try:
         meta = train(config, hparams, started=started)

@@ -1,4 +1,5 @@
-"""Data parallelism: 4 (forced CPU) devices train exactly like 1, with the batch split."""
+"""Data parallelism: 4 (forced CPU) devices train exactly like 1, with the batch split; a CPU
+host split into a device per core."""
 
 import json
 import os
@@ -147,3 +148,31 @@ def test_two_processes_with_jax_distributed_train_like_one(tmp_path):
     # Only process 0 writes: one run's two params files and its plot (process 1's run hash
     # differs, so any file of its own would show up here).
     assert sorted(p.suffix for p in multi_dir.iterdir()) == [".pkl", ".pkl", ".png"]
+
+
+def _devices(stderr: str) -> int:
+    """How many devices train.py's `devices: [...]` line names."""
+    return next(line for line in stderr.splitlines()
+                if line.startswith("devices: ")).count("Device(")
+
+
+def test_one_cpu_host_splits_an_adamw_batch_over_its_cores(tmp_path):
+    """Without XLA_FLAGS train.py makes a device per core: an AdamW run splits its batch over
+    as many as divide it, a Muon run keeps one, --cpu_devices picks, and too many exit 2."""
+    from conftest import CORPUS, TINY
+
+    cores = len(os.sched_getaffinity(0))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    common = ["train.py", f"--source_file={CORPUS}", "--aim=False", "--max_iters=2",
+              "--eval_interval=2", "--batch_size=8", "--eval_batch_size=512",
+              "--sample_chars=0", f"--params_dir={tmp_path}",
+              *(f"--{k}={v}" for k, v in TINY._asdict().items())]
+    per_core = max(n for n in (1, 2, 4, 8) if n <= cores)  # as many as divide the batches
+    for options, expected in ((["--optimizer=adamw"], per_core), (["--optimizer=muon"], 1),
+                              (["--optimizer=adamw", "--cpu_devices=1"], 1)):
+        result = run_script(*common, *options, env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert _devices(result.stderr) == expected, options
+    result = run_script(*common, f"--cpu_devices={cores + 1}", env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"--cpu_devices={cores + 1}: must be from 0 (pick) to this host's" in result.stderr
