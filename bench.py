@@ -141,29 +141,35 @@ def train_config_of(config: Config):
 
 
 def bench_train(config, hp) -> dict:
-    """Per compute dtype: the real jitted train step (dropout on), median seconds per step;
-    then the seconds of one evaluation as train.py runs it."""
+    """Per compute dtype: the real jitted train step (dropout on) on train.py's devices (on
+    a CPU, AdamW's batch split over a device per core), median seconds per step; then the
+    seconds of one evaluation as train.py runs it."""
     import data
     import encoding
+    from jax.sharding import NamedSharding, PartitionSpec as P
 
     text = encoding.load(data.CORPUS_FILE)
     vocab, ids = text.vocab, text.ids  # as train.py holds them: uint8
-    train_ids = jnp.asarray(data.split(ids)[0])
     train_config = train_config_of(config)
+    devices = train_step.mesh_devices(train_config)
+    mesh = train_step.make_mesh(devices)
+    replicated = NamedSharding(mesh, P())
+    train_ids = jax.device_put(data.split(ids)[0], replicated)
     # The step also runs the after-next head of --ahead_loss, a second unembedding.
     flops = flops_per_token(hp, len(vocab)) + (
         6 * (hp.d_model * len(vocab) + len(vocab)) if train_config.ahead_loss else 0)
-    out = {"flops_per_token": flops, "train_optimizer": train_config.optimizer}
+    out = {"flops_per_token": flops, "train_optimizer": train_config.optimizer,
+           "train_devices": len(devices)}
     weights = objectives.Weights(train_config.ahead_loss)
     for dtype in config.compute_dtypes.split(","):
         loss = objectives.loss_fn(hp, len(vocab), weights, kernels.Speed(dtype))
         dummy = jnp.zeros((1, hp.max_seq_len), jnp.int32)
         optimizer = optim.make_optimizer(train_config._replace(compute_dtype=dtype),
                                          optim.hidden_matrices(loss, dummy, dummy))
-        state = train_step.init_state(train_config.prng_seed, hk.transform(loss), optimizer,
-                                      hp.max_seq_len)
+        state = jax.device_put(train_step.init_state(
+            train_config.prng_seed, hk.transform(loss), optimizer, hp.max_seq_len), replicated)
         step = train_step.make_train_step(hk.transform(loss), optimizer, config.batch_size,
-                                          hp.max_seq_len)
+                                          hp.max_seq_len, NamedSharding(mesh, P("data")))
 
         def run():
             nonlocal state
@@ -179,7 +185,8 @@ def bench_train(config, hp) -> dict:
     # train.py's evaluation every eval_interval steps (float32: the validation split and as
     # many training windows of the corpus), the median of 3 after a compiling call.
     evaluate, _ = metrics.make_evaluate(hp, len(vocab), ids, train_config.eval_batch_size,
-                                        max_chars=train_config.eval_chars)
+                                        NamedSharding(mesh, P(None, "data")),
+                                        train_config.eval_chars)
     params = objectives.model_params(state.params)
     out["train_eval_s"] = statistics.median(
         timed(lambda: jax.block_until_ready(evaluate(params)), 3))
@@ -378,6 +385,8 @@ def resolve(argv) -> tuple[Config, transformer.HParams]:
 
 def main(argv) -> int:
     config, hp = resolve(argv)
+    if config.section == "train":  # before JAX starts: train.py's devices
+        train_step.split_cpu_cores()
     if config.section:
         out = SECTIONS[config.section](config, hp)
         out[f"{config.section}_peak_rss_mb"] = (
@@ -421,7 +430,8 @@ def print_table(r: dict, hp, config) -> None:
     rows = [
         ("device", f"{r['device']} ({r['cpu_count']} cores), {r['date']}"),
         ("model", f"d_model {hp.d_model}, {hp.decoder_N} layers, {hp.h} heads, d_ff {hp.d_ff},"
-                  f" T {hp.max_seq_len}, batch {config.batch_size}, {r['train_optimizer']}"),
+                  f" T {hp.max_seq_len}, batch {config.batch_size}, {r['train_optimizer']}, "
+                  f"{r['train_devices']} device(s)"),
         ("matmul peak f32 / bf16", f"{r['peak_f32_gflops']:.0f} / {r['peak_bf16_gflops']:.0f}"
                                    " GFLOP/s"),
         ("memory bandwidth copy / read", f"{r['copy_gb_per_s']:.1f} / "

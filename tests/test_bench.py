@@ -3,6 +3,7 @@ derived ones (tokens per step, FLOPs per token, MFU) equal hand counts, and bad 
 2. (The timings themselves are measurements, not checked here: see docs/benchmarks.md.)"""
 
 import json
+import os
 import sys
 
 import pytest
@@ -131,19 +132,24 @@ def test_bench_preset_takes_the_presets_model_and_batch(tmp_path):
 
 def test_bench_times_the_presets_optimizer_unless_told_another():
     """`--preset=cpu` times the training step that `train.py --preset=cpu` runs (Muon), and
-    without a preset train.py's default (AdamW); --optimizer chooses."""
+    without a preset train.py's default (AdamW); --optimizer chooses. Each on train.py's
+    devices: AdamW's batch split over a device per core, Muon's on one."""
     import train
 
-    def timed_optimizer(*args):
-        result = run_script("bench.py", *args, *TINY_ARGS, "--batch_size=2", "--train_steps=1",
-                            "--compute_dtypes=float32", "--section=train")
-        assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout.strip().splitlines()[-1])["train_optimizer"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 
+    def timed(*args):
+        result = run_script("bench.py", *args, *TINY_ARGS, "--batch_size=2", "--train_steps=1",
+                            "--compute_dtypes=float32", "--section=train", env=env)
+        assert result.returncode == 0, result.stderr
+        out = json.loads(result.stdout.strip().splitlines()[-1])
+        return out["train_optimizer"], out["train_devices"]
+
+    per_core = min(len(os.sched_getaffinity(0)), 2)  # as many as divide the batch of 2
     assert train.PRESETS["cpu"][0].optimizer == "muon" != train.CONFIG.optimizer
-    assert timed_optimizer("--preset=cpu") == "muon"
-    assert timed_optimizer() == train.CONFIG.optimizer
-    assert timed_optimizer("--preset=cpu", "--optimizer=adamw") == "adamw"
+    assert timed("--preset=cpu") == ("muon", 1)
+    assert timed() == (train.CONFIG.optimizer, per_core)
+    assert timed("--preset=cpu", "--optimizer=adamw") == ("adamw", per_core)
 
 
 def hand_flops_per_token(hp: transformer.HParams, V: int) -> int:
