@@ -21,7 +21,7 @@ class TrainState(NamedTuple):
     step: jax.Array  # [] int32: optimizer steps taken
 
 
-_PER_CORE = False  # whether split_cpu_cores made this process's CPU devices
+_XLA_COUNT = "xla_force_host_platform_device_count"  # XLA_FLAGS' own CPU device count
 
 
 def split_cpu_cores() -> None:
@@ -29,32 +29,30 @@ def split_cpu_cores() -> None:
     split its batch over its cores (mesh_devices) as data parallelism splits it over GPUs.
     Called before JAX starts its backends; it leaves XLA_FLAGS' own device count, and a
     backend already started (tests, notebooks) keeps the devices it has."""
-    global _PER_CORE
-    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    if _XLA_COUNT in os.environ.get("XLA_FLAGS", ""):
         return
     cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
              else os.cpu_count() or 1)
     try:
         jax.config.update("jax_num_cpu_devices", cores)
     except RuntimeError:  # the backends have started: the devices stay as they are
-        return
-    _PER_CORE = True
+        pass
 
 
 def mesh_devices(config) -> list:
     """The devices a run (recipes.Config) splits its batch across: every device of a GPU or
-    TPU, of several hosts, or of an XLA_FLAGS count; on one CPU host split by core, the
-    first config.cpu_devices, or with 0 as many as divide the batches with AdamW and one
-    with Muon. XLA:CPU gives a small model's many small operations little of a second core,
-    and per-core devices use it (docs/benchmarks.md: 4 x 128, batch 12, AdamW, 2 cores:
-    15-25% more tokens a second); Muon's update, which every device repeats, took the gain
-    away (the cpu preset: 5% fewer)."""
+    TPU, of several hosts, or of XLA_FLAGS' count; on one CPU host split by core, the first
+    config.cpu_devices, or with 0 as many as divide the batches with AdamW and one with
+    Muon. XLA:CPU gives a small model's many small operations little of a second core, and
+    per-core devices use it (docs/benchmarks.md: 4 x 128, batch 12, AdamW, 2 cores: 15-48%
+    more tokens a second); Muon's update, which every device repeats, took the gain away
+    (the cpu preset: 5% fewer)."""
     devices = jax.devices()
     if devices[0].platform != "cpu" or jax.process_count() > 1:
         return devices
     if config.cpu_devices:
         return devices[:config.cpu_devices]
-    if not _PER_CORE:  # XLA_FLAGS' count, or a process that had started JAX
+    if _XLA_COUNT in os.environ.get("XLA_FLAGS", ""):
         return devices
     if config.optimizer != "adamw":
         return devices[:1]
