@@ -14,9 +14,16 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".pytest_c
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
 import transformer  # noqa: E402
+
+# JAX's backends start here, with the devices XLA_FLAGS gives (one CPU device unless a test
+# sets a count), so that train.main's split of a CPU into a device per core
+# (train_step.split_cpu_cores) leaves in-process runs on them, whichever test runs first;
+# tests that split run train.py in a fresh process (test_multidevice.py).
+jax.devices()
 
 CORPUS = os.path.join(ROOT, "novelas_ejemplares.txt")
 # Tiny Shakespeare: $TINYSHAKESPEARE (as .ci/run sets it), else the copy beside the checkout;
