@@ -23,8 +23,8 @@ MARGIN_S = 2.0
 # Cervantes on a 2-core AMD EPYC Zen 4 (docs/results.md, "Budgets"): a 4 x 128 streaming
 # model reading 64 characters (a wider one trains too few characters in the time), Muon, no
 # dropout, the learning rates falling linearly to zero over the whole run; measured at 2, 5,
-# 10 and (Tiny Shakespeare) 20 minutes, where it gains little over 10. An hour takes the
-# `cpu` preset's recipe, unmeasured as a timed run.
+# 10 and 20 minutes, where it gains little over 10 (it overfits). An hour takes the `cpu`
+# preset's recipe, unmeasured as a timed run.
 _SHORT = dict(optimizer="muon", schedule="wsd", decay_fraction=1.0, min_lr_ratio=0.0,
               batches="shuffled", ema_decay=0.0, ahead_loss=0.0, warmup_iters=50,
               learning_rate=3e-3, muon_learning_rate=0.02, weight_decay=0.1)

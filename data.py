@@ -238,9 +238,10 @@ def permuted(key: jax.Array, places: jax.Array, n: int) -> jax.Array:
     """The entries at `places` of a random permutation of range(n) that `key` picks, computed
     for those places alone: a keyed 6-round Feistel network on the bits of n, cycle-walked
     into range(n) (a value that lands beyond n is permuted again). Its work grows with the
-    places, not n, where jax.random.permutation sorts all n values (a fifth of a small
-    model's step on Tiny Shakespeare's 15,684 windows, docs/benchmarks.md)."""
-    half = max(1, (n - 1).bit_length() + 1) // 2                    # 2 * half bits hold n
+    places, not n, where jax.random.permutation sorts all n values (an eighth of a small
+    model's step on Tiny Shakespeare's 15,684 windows, twenty steps' time on 100 MB:
+    docs/benchmarks.md). Fewer rounds left small ranges measurably uneven."""
+    half = max(1, ((n - 1).bit_length() + 1) // 2)                  # 2 * half bits hold n
     mask = jnp.uint32((1 << half) - 1)
     round_keys = jax.random.bits(key, (6,), jnp.uint32)
 
