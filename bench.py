@@ -64,7 +64,7 @@ class Config(NamedTuple):
                                   # (the last: the corpus's length)
     prefill_chunk: int = 0        # characters per prefill call (0: reader.PREFILL_CHUNK)
     preset: str = ""              # train.py's preset: its HPARAMS, batch size and optimizer
-    optimizer: str = ""           # train.py's --optimizer ("": the preset's, else adamw)
+    optimizer: str = ""           # train.py's --optimizer ("": the preset's, else CONFIG's)
     torch_python: str = ""        # a Python with torch: also run the PyTorch yardstick
     torch_script: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                                      "shared", "peers", "torch_gpt.py")
@@ -133,9 +133,14 @@ def flops_per_token(hp, vocab_size: int) -> float:
 
 
 def train_config_of(config: Config):
-    """train.py's Config for the timed steps: the preset's (train.py's defaults without one),
-    with the batch size and --optimizer of this run."""
-    base = recipes.PRESETS[config.preset][0] if config.preset else recipes.CONFIG
+    """train.py's config for the timed steps: its CONFIG as written (what `python train.py`
+    runs: an entry point's values, read here as train.py reads them) under --preset's
+    recipe, with the batch size and --optimizer of this run."""
+    import train
+
+    base = train.CONFIG
+    if config.preset:
+        base = base._replace(**recipes.PRESETS[config.preset].config)
     return base._replace(batch_size=config.batch_size,
                          optimizer=config.optimizer or base.optimizer)
 
@@ -354,9 +359,10 @@ def resolve(argv) -> tuple[Config, transformer.HParams]:
         if config.preset not in recipes.PRESETS:
             raise UserError(f"--preset={config.preset}: unknown preset. Valid presets: "
                             f"{', '.join(recipes.PRESETS)}.")
-        preset_config, preset_hp = recipes.PRESETS[config.preset]
+        recipe = recipes.PRESETS[config.preset]
         config, hp = parse_overrides(
-            argv, CONFIG._replace(batch_size=preset_config.batch_size), preset_hp)
+            argv, CONFIG._replace(batch_size=recipe.config["batch_size"]),
+            transformer.HPARAMS._replace(**recipe.hparams))
     try:
         transformer.validate(hp)
     except ValueError as e:
@@ -403,7 +409,7 @@ def main(argv) -> int:
         results[f"train_{dtype}_mfu"] = (results[f"train_{dtype}_gflops"]
                                          / results[f"peak_{PEAK_NAMES[dtype]}_gflops"])
     # The headline figures: the precision train.py's default ("auto") picks here, if timed.
-    chosen, why = kernels.choose_compute_dtype(recipes.CONFIG.compute_dtype)
+    chosen, why = kernels.choose_compute_dtype(train_config_of(config).compute_dtype)
     best = chosen if chosen in dtypes else dtypes[0]
     for key in ("step_s", "tokens_per_s", "gflops", "mfu"):
         results[f"train_{key}"] = results[f"train_{best}_{key}"]
@@ -483,4 +489,8 @@ def print_table(r: dict, hp, config) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main, __doc__, [CONFIG, transformer.HPARAMS], recipes.PRESETS)
+    import train
+
+    run_main(main, __doc__, [CONFIG, transformer.HPARAMS],
+             {name: recipes.apply(recipe, train.CONFIG, transformer.HPARAMS)[:2]
+              for name, recipe in recipes.PRESETS.items()})

@@ -1,5 +1,5 @@
-"""Training for a budget of wall time, `train.py --minutes=N`: the recipe for N minutes
-(BUDGETS, found by measurement: docs/results.md), and the plan that paces a run: Steps
+"""Training for a budget of wall time, `train.py --minutes=N` (its recipe: recipes.BUDGETS,
+found by measurement: docs/results.md): the plan that paces a run: Steps
 (max_iters steps, an evaluation every eval_interval) or, with --minutes, Clock (as many steps
 as the budget holds: the learning rates decay with the share of the budget spent, as in
 budgeted training (Li et al. 2020), so a slower or busier host gets a shorter run, not a
@@ -17,54 +17,10 @@ from common import UserError
 # Seconds kept after the last step beyond the final evaluation's: the params files, the plot.
 MARGIN_S = 2.0
 
-# The recipe for each budget in minutes (a shorter budget gets the 2-minute recipe, one
-# between two the shorter one's): Config settings, HPARAMS settings, and the evaluations
-# spread over the run (besides the first, which times one). Found on Tiny Shakespeare and
-# Cervantes on a 2-core AMD EPYC Zen 4 (docs/results.md, "Budgets"): a 4 x 128 streaming
-# model reading 64 characters (a wider one trains too few characters in the time), Muon, no
-# dropout, the learning rates falling linearly to zero over the whole run; measured at 2, 5,
-# 10 and 20 minutes, where it gains little over 10 (it overfits). An hour takes the `cpu`
-# preset's recipe, unmeasured as a timed run.
-_SHORT = dict(optimizer="muon", schedule="wsd", decay_fraction=1.0, min_lr_ratio=0.0,
-              batches="shuffled", ema_decay=0.0, ahead_loss=0.0, warmup_iters=50,
-              learning_rate=3e-3, muon_learning_rate=0.02, weight_decay=0.1)
-_SMALL = dict(d_model=128, h=4, d_ff=512, decoder_N=4, dropout=0.0, max_seq_len=64,
-              positions="rotary", attention_window=64)
-_HOUR = recipes.PRESETS["cpu"]
-BUDGETS = {
-    2: (dict(_SHORT, batch_size=16), _SMALL, 1),
-    5: (dict(_SHORT, batch_size=32), _SMALL, 2),
-    10: (dict(_SHORT, batch_size=32), _SMALL, 2),
-    20: (dict(_SHORT, batch_size=32), _SMALL, 4),
-    60: ({name: getattr(_HOUR[0], name) for name in (*_SHORT, "batch_size")},
-         _HOUR[1]._asdict(), 10),
-}
-
-
-def chosen(minutes: float) -> int:
-    """The BUDGETS entry for `minutes`: the longest not above it, else the shortest."""
-    return max([m for m in BUDGETS if m <= minutes], default=min(BUDGETS))
-
-
-def recipe(minutes: float, config, hparams) -> tuple:
-    """(config, hparams): BUDGETS' recipe for `minutes` over `config` and `hparams`."""
-    settings, shape, _ = BUDGETS[chosen(minutes)]
-    return (config._replace(preset=f"minutes{chosen(minutes)}", minutes=minutes, **settings),
-            hparams._replace(**shape))
-
-
-def explain(config, hparams) -> str:
-    """Why a timed run (its recipe from BUDGETS, overrides applied) trains as it does."""
-    return (f"--minutes={config.minutes:g}: the {chosen(config.minutes)}-minute recipe, a "
-            f"{hparams.decoder_N} x {hparams.d_model} model reading {hparams.max_seq_len} "
-            f"characters, batches of {config.batch_size}, as many steps as the time holds, "
-            "the learning rates decaying as it runs out (docs/results.md, "
-            "\"Budgets\")")
-
 
 def evaluations(minutes: float) -> int:
-    """The evaluations a run of `minutes` spreads over its time (its recipe's)."""
-    return BUDGETS[chosen(minutes)][2]
+    """The evaluations a run of `minutes` spreads over its time (its budget's)."""
+    return recipes.BUDGETS[recipes.budget_minutes(minutes)].evaluations
 
 
 class Steps:

@@ -31,6 +31,22 @@ DEFAULT_PARAMS = SHIPPED_PARAMS["cpu"]
 # load() drops the head (evaluation and sampling never read it) and moves the weight to the
 # run's config. Their training state resumes at the commit before that change.
 LEGACY_HEAD, LEGACY_COMMIT = "transformer/unembed_ahead", "f551d7f"
+# The original project's HPARAMS. Each field added since was added switched off, at its value
+# here, so a file that lacks a field was trained with this value, whatever today's default.
+ORIGINAL_HPARAMS = dict(
+    max_seq_len=128,
+    d_model=384,
+    h=6,
+    d_ff=1536,
+    decoder_N=6,
+    encoder_N=1,
+    use_encoder=False,
+    dropout=0.2,
+    activation="relu",
+    positions="learned",
+    attention_window=None,
+    stochastic_depth=0.0,
+)
 
 # The only globals a params file may name: how numpy pickles arrays and dtypes
 # (numpy >= 2 writes numpy._core, numpy 1.x wrote numpy.core; protocol 5 uses _frombuffer).
@@ -150,7 +166,8 @@ def _load(path: str) -> Checkpoint:
                               f"{FORMAT!r} expected).")
     try:
         _convert_legacy(payload)
-        hparams = transformer.validate(transformer.HParams(**payload["hparams"]))
+        hparams = transformer.validate(transformer.HParams(
+            **(ORIGINAL_HPARAMS | payload["hparams"])))
         params, vocab, meta = payload["params"], payload["vocab"], payload["meta"]
         opt_state, rng = payload["opt_state"], payload["rng"]
     except (KeyError, TypeError, ValueError) as e:

@@ -89,8 +89,8 @@ def field_comments(cls: type) -> dict[str, str]:
 
 def help_text(doc: str, configs: Sequence[NamedTuple], presets: dict | None = None) -> str:
     """What `--help` prints: the script's docstring, then every --name=value it takes with
-    its type, default and the comment beside the field, then the named presets (None: the
-    automatic choice)."""
+    its type, default and the comment beside the field, then the named presets: {name:
+    (config, hparams)}."""
     lines = [inspect.cleandoc(doc)] + (["", "Options (--name=value):"] if configs else [])
     for config in configs:
         comments = field_comments(type(config))
@@ -100,9 +100,7 @@ def help_text(doc: str, configs: Sequence[NamedTuple], presets: dict | None = No
             lines.append(f"  --{name}={default!r}  ({hint})  {comments.get(name, '')}".rstrip())
     if presets:
         lines += ["", "Presets (--preset=NAME):"]
-        automatic = "the recipe for the machine JAX runs on (cpu on a CPU, gpu on a GPU)"
-        lines += [f"  {name}: {describe(*recipe) if recipe else automatic}"
-                  for name, recipe in presets.items()]
+        lines += [f"  {name}: {describe(*recipe)}" for name, recipe in presets.items()]
     return "\n".join(lines)
 
 

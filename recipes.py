@@ -1,6 +1,9 @@
-"""train.py's Config and its named recipes (PRESETS), in a module of their own because
-bench.py times them too. `python train.py --preset=NAME` starts from a recipe; every other
---name=value still wins. The resolved config is saved in each params file.
+"""Named recipes: settings of train.py's CONFIG and transformer.py's HPARAMS that a run takes
+only when asked for. `python train.py` trains CONFIG and HPARAMS as written; `--preset=NAME`
+starts from PRESETS[NAME] instead, and `--minutes=N` from the recipe found for N minutes
+(BUDGETS). A recipe prints each field it replaces (resolve), and options on the command line
+win over it. Also check_config, the checks of a run's config. train.py, bench.py and the
+tests read the recipes here; the values a user edits live in train.py and transformer.py.
 """
 
 import math
@@ -8,128 +11,206 @@ from typing import NamedTuple
 
 import jax
 
+import checkpoint
 import data
 import train_step
-import transformer
-from common import UserError
+from common import UserError, parse_overrides
 
 
+class Recipe(NamedTuple):
+    config: dict   # fields of train.Config it sets
+    hparams: dict  # fields of transformer.HParams it sets
 
 
-class Config(NamedTuple):
-    batch_size: int = 32           # sequences per step, each max_seq_len characters
-    max_iters: int = 15000         # optimizer steps in the run; the schedule spans them
-    minutes: float = 0.0           # a budget of wall time instead (start-up and evaluations
-                                   # included): without --preset its recipe (budget.py); the
-                                   # rates decay as the time runs out (0: max_iters steps)
-    learning_rate: float = 3e-4    # peak AdamW learning rate, reached after warmup_iters
-    warmup_iters: int = 200        # linear warmup from 0: early Adam steps are noisy
-    schedule: str = "cosine"       # after warmup: "cosine" decay, or "wsd" (warmup-stable-
-                                   # decay: constant, then linear over the last decay_fraction)
-    decay_fraction: float = 0.2    # "wsd": the share of max_iters spent decaying
-    min_lr_ratio: float = 0.1      # the decay ends at learning_rate * min_lr_ratio
-    optimizer: str = "adamw"       # "adamw", or "muon": Muon on the hidden weight matrices,
-                                   # AdamW (learning_rate) on embeddings, unembedding, biases, gains
-    muon_learning_rate: float = 0.02  # "muon": the peak learning rate of its matrices
-    weight_decay: float = 0.1      # decoupled decay: AdamW's on matrices and embeddings;
-                                   # Muon's on its matrices (none on its AdamW part)
-    weight_decay_final: float | None = None  # None: weight_decay throughout; else the decay
-                                   # moves linearly from weight_decay to this over max_iters
-    beta2: float = 0.99            # Adam's second-moment decay: small batches, noisy grads
-    grad_clip: float = 1.0         # clip the global gradient norm to this (0: no clipping)
-    ahead_loss: float = 0.0        # multi-token prediction: a training-only second head
-                                   # predicts the character after next, its loss added at
-                                   # this weight (objectives.py)
-    ema_decay: float = 0.0         # evaluate (and keep as the best params) a moving average
-                                   # of the params, this much of it kept per step (0: none)
-    batches: str = "random"        # "random" windows, or "shuffled" passes over the text
-    teachers: str = ""             # params files (comma-separated) trained on this text:
-                                   # distil their ensemble into this model (objectives.py)
-    distill_weight: float = 0.5    # with teachers: the weight of the cross-entropy against
-                                   # their averaged predictions (the rest: the next character)
-    compute_dtype: str = "auto"    # training matmuls' operands (float32 accumulation and
-                                   # params either way): "bfloat16", "float32", or "auto":
-                                   # bfloat16 where it runs natively (README, "Precision")
-    prng_seed: int = 6436          # initialization, batches and dropout all follow from it
-    source_file: str = data.CORPUS_FILE  # any UTF-8 text: the first 90% trains, the rest
-                                   # validates (the fetched known texts: SHA-256 checked)
-    min_char_count: int = 1        # the vocabulary: the characters seen at least this often;
-                                   # the rest read as one unknown symbol (encoding.py)
-    eval_interval: int = 500       # steps between full evaluations and params files
-    eval_batch_size: int = 32      # windows per step of the evaluation lax.map
-    eval_chars: int = 111_616      # characters each evaluation reads of the validation split:
-                                   # the whole split if it is no longer (Cervantes', Tiny
-                                   # Shakespeare's: 872 windows of 128, the larger), else
-                                   # evenly spread windows, the same in every run of a text;
-                                   # as many of the training split. eval.py reads it whole
-    cpu_devices: int = 0           # on one CPU host, the per-core devices the batch is split
-                                   # across (0: as many as divide the batches with AdamW,
-                                   # one with Muon: train_step.mesh_devices)
-    log_interval: int = 10         # steps between progress updates (each syncs the host)
-    resume: str = ""               # params file (`params/params.<hash>.pkl`) to continue
-    params_dir: str = "params"     # where params files and the loss plot go
-    aim: bool = True               # track the run in Aim (`aim up` to browse)
-    aim_repo: str = "."            # folder holding the Aim repository `.aim`
-    sample_chars: int = 200        # characters sampled for Aim at each evaluation (0: none)
-    plot_only: str = ""            # params file: redraw its run's loss plot and exit
-    distributed: bool = False      # several hosts: jax.distributed.initialize() first
-    coordinator_address: str = ""  # host:port of process 0 ("": from the environment)
-    num_processes: int | None = None  # processes in all (None: from the environment)
-    process_id: int | None = None  # this process (None: from the environment)
-    preset: str = "auto"           # named recipe (PRESETS) whose settings replace these;
-                                   # "auto": "cpu" on a CPU, "gpu" on a GPU (choose_preset)
+# The original project's settings, over every field a recipe sets: a GPU-sized model with
+# learned positions, AdamW with cosine decay, random windows. Each field added since was added
+# switched off, at its value here: a params file (checkpoint.load) or a resumed run's config
+# that lacks a field was trained with this value.
+ORIGINAL = Recipe(
+    config=dict(
+        batch_size=32,
+        max_iters=15000,
+        learning_rate=3e-4,
+        warmup_iters=200,
+        schedule="cosine",
+        decay_fraction=0.2,
+        min_lr_ratio=0.1,
+        optimizer="adamw",
+        muon_learning_rate=0.02,
+        weight_decay=0.1,
+        weight_decay_final=None,
+        beta2=0.99,
+        grad_clip=1.0,
+        ahead_loss=0.0,
+        ema_decay=0.0,
+        batches="random",
+        eval_interval=500,
+    ),
+    hparams=checkpoint.ORIGINAL_HPARAMS,
+)
 
+# The recipe that trained the shipped Cervantes params (README, "Results"), and so CONFIG and
+# HPARAMS as written: a 6 x 256 streaming model (rotary positions, a 128-character window)
+# with heavy weight decay under Muon (0.3: it pays late in the hour), a second head trained
+# on the character after next, 4,000 steps sized for a 2-core Zen 5 (about 50 minutes there).
+CPU = Recipe(
+    config=ORIGINAL.config | dict(
+        max_iters=4000,
+        learning_rate=3e-3,
+        warmup_iters=100,
+        schedule="wsd",
+        decay_fraction=1.0,
+        min_lr_ratio=0.0,
+        optimizer="muon",
+        muon_learning_rate=0.01,
+        weight_decay=0.3,
+        ahead_loss=0.3,
+        ema_decay=0.995,
+        batches="shuffled",
+        eval_interval=200,
+    ),
+    hparams=ORIGINAL.hparams | dict(
+        d_model=256,
+        h=4,
+        d_ff=1024,
+        dropout=0.1,
+        positions="rotary",
+        attention_window=128,
+    ),
+)
 
-CONFIG = Config()
-
-# Named recipes: `--preset=NAME` starts from its settings; other --name=value still win.
-# "original" is the defaults above, the original project's settings (a GPU-sized model with
-# learned positions, AdamW, random windows). "cpu" is the best recipe found for 60 minutes
-# on a 2-core CPU (README, "Results"): a 6 x 256 streaming model (rotary positions, a
-# 128-character window) with heavy weight decay under Muon (0.3: it pays late in the hour),
-# a second head trained on the character after next (ahead_loss 0.3), 4,000 steps sized for
-# a 2-core Zen 5 (about 50 minutes there; a slower CPU takes longer): it shipped the
-# Cervantes params. "shakespeare" is the recipe that shipped the Tiny Shakespeare params: 4
-# layers, no second head, 5,600 steps (also about 50 minutes on a Zen 5), and fewer
-# evaluations (`make shakespeare` fetches the text). "gpu" is the cpu recipe's methods sized
-# for a GPU, nanoGPT's shakespeare_char shape (6 x 384, dropout 0.2, 256 characters, batch
-# 64, 5,000 steps) as a streaming model: its time is unmeasured (no GPU was at hand); the
-# tests check that it lowers for CUDA.
-_CPU = (CONFIG._replace(preset="cpu", batch_size=32, max_iters=4000, learning_rate=3e-3,
-                        warmup_iters=100, schedule="wsd", decay_fraction=1.0,
-                        min_lr_ratio=0.0, optimizer="muon", muon_learning_rate=0.01,
-                        weight_decay=0.3, batches="shuffled", eval_interval=200,
-                        ema_decay=0.995, ahead_loss=0.3),
-        transformer.HPARAMS._replace(d_model=256, h=4, d_ff=1024, decoder_N=6, dropout=0.1,
-                                     positions="rotary", attention_window=128))
 PRESETS = {
-    "original": (CONFIG._replace(preset="original"), transformer.HPARAMS),
-    "cpu": _CPU,
-    "shakespeare": (_CPU[0]._replace(preset="shakespeare", max_iters=5600, eval_interval=400,
-                                     source_file=data.TEXTS["tinyshakespeare"].file,
-                                     ahead_loss=0.0),
-                    _CPU[1]._replace(decoder_N=4)),
-    "gpu": (_CPU[0]._replace(preset="gpu", batch_size=64, max_iters=5000, eval_interval=250),
-            transformer.HPARAMS._replace(max_seq_len=256, dropout=0.2, positions="rotary",
-                                         attention_window=256)),
+    "original": ORIGINAL,
+    "cpu": CPU,
+    # The Tiny Shakespeare params' recipe (`make shakespeare` fetches the text): 4 layers, no
+    # second head, 5,600 steps (also about 50 minutes on a Zen 5), fewer evaluations.
+    "shakespeare": Recipe(
+        config=CPU.config | dict(
+            max_iters=5600,
+            eval_interval=400,
+            ahead_loss=0.0,
+            source_file=data.TEXTS["tinyshakespeare"].file,
+        ),
+        hparams=CPU.hparams | dict(decoder_N=4),
+    ),
+    # The cpu recipe's methods at nanoGPT's shakespeare_char size (6 x 384, dropout 0.2, 256
+    # characters, batch 64, 5,000 steps) as a streaming model: its time is unmeasured (no GPU
+    # was at hand); the tests check that it lowers for CUDA.
+    "gpu": Recipe(
+        config=CPU.config | dict(batch_size=64, max_iters=5000, eval_interval=250),
+        hparams=ORIGINAL.hparams | dict(
+            max_seq_len=256,
+            dropout=0.2,
+            positions="rotary",
+            attention_window=256,
+        ),
+    ),
 }
 
 
-def choose_preset(requested: str, platform: str | None = None) -> tuple[str, str]:
-    """(preset, why) for Config.preset: a name as asked; "auto" the recipe for the machine
-    JAX runs on ("cpu" on a CPU, "gpu" on a GPU or TPU). platform defaults to this one's."""
-    if requested != "auto":
-        return requested, "--preset"
-    platform = platform or jax.default_backend()
-    if platform == "cpu":
-        return "cpu", ("auto: JAX runs on the CPU: the recipe for an hour on 2 Zen 5 cores "
-                       "(a 6 x 256 streaming model; slower CPUs take longer)")
-    return "gpu", (f"auto: JAX runs on {platform}: the GPU recipe (a 6 x 384 streaming "
-                   "model; its time is unmeasured)")
+class Budget(NamedTuple):
+    recipe: Recipe
+    evaluations: int  # spread over the run, besides the first (which times one)
 
 
-def check_config(config: Config) -> None:
-    """UserError naming the first field out of its range."""
+# The recipe for each budget of `--minutes` (a shorter budget gets the 2-minute recipe, one
+# between two the shorter one's). Found on Tiny Shakespeare and Cervantes on a 2-core AMD
+# EPYC Zen 4 (docs/results.md, "Budgets"): a 4 x 128 streaming model reading 64 characters
+# (a wider one trains too few characters in the time), Muon, no dropout, the learning rates
+# falling linearly to zero over the whole run; measured at 2, 5, 10 and 20 minutes, where it
+# gains little over 10 (it overfits). An hour takes the cpu preset's recipe. A clock paces a
+# timed run: the recipes leave max_iters and eval_interval as they are.
+_untimed = lambda settings: {name: value for name, value in settings.items()
+                             if name not in ("max_iters", "eval_interval")}
+_SHORT = _untimed(ORIGINAL.config) | dict(
+    optimizer="muon",
+    schedule="wsd",
+    decay_fraction=1.0,
+    min_lr_ratio=0.0,
+    batches="shuffled",
+    warmup_iters=50,
+    learning_rate=3e-3,
+    muon_learning_rate=0.02,
+    weight_decay=0.1,
+)
+_SMALL = ORIGINAL.hparams | dict(
+    d_model=128,
+    h=4,
+    d_ff=512,
+    decoder_N=4,
+    dropout=0.0,
+    max_seq_len=64,
+    positions="rotary",
+    attention_window=64,
+)
+BUDGETS = {
+    2: Budget(Recipe(_SHORT | dict(batch_size=16), _SMALL), evaluations=1),
+    5: Budget(Recipe(_SHORT, _SMALL), evaluations=2),
+    10: Budget(Recipe(_SHORT, _SMALL), evaluations=2),
+    20: Budget(Recipe(_SHORT, _SMALL), evaluations=4),
+    60: Budget(Recipe(_untimed(CPU.config), CPU.hparams), evaluations=10),
+}
+
+
+def budget_minutes(minutes: float) -> int:
+    """The BUDGETS entry for `minutes`: the longest not above it, else the shortest."""
+    return max([m for m in BUDGETS if m <= minutes], default=min(BUDGETS))
+
+
+def apply(recipe: Recipe, config, hparams) -> tuple:
+    """(config, hparams, replaced): `recipe`'s settings over config and hparams, and a line
+    `name old -> new` for each field whose value it changes."""
+    replaced = [f"{name} {getattr(written, name)!r} -> {value!r}"
+                for settings, written in ((recipe.config, config), (recipe.hparams, hparams))
+                for name, value in settings.items() if getattr(written, name) != value]
+    return config._replace(**recipe.config), hparams._replace(**recipe.hparams), replaced
+
+
+def resolve(argv, config, hparams) -> tuple:
+    """(config, hparams, said): the run that `argv` asks for, given CONFIG and HPARAMS as
+    written, and the lines that say so. No recipe: them, with the options. `--preset=NAME`,
+    or `--minutes=N` without --preset: the recipe's settings over them, then the options,
+    and a line for each field the recipe replaces (an option's field aside: the option
+    wins). `--resume=FILE`: the config saved in the file (a field it lacks: ORIGINAL's) and
+    its HPARAMS, then the options."""
+    requested, _ = parse_overrides(argv, config, hparams)
+    if requested.resume:
+        if requested.resume.endswith(".min_val.pkl"):
+            raise UserError(
+                f"--resume={requested.resume}: a .min_val.pkl file holds a run's best params "
+                "(with --ema_decay, their average), not its training state. Resume from the "
+                f"run's latest file: --resume={requested.resume.removesuffix('.min_val.pkl')}")
+        ckpt = checkpoint.load(requested.resume)
+        saved = ORIGINAL.config | ckpt.meta.get("config", {})
+        saved = {k: v for k, v in saved.items() if k in config._fields}
+        config, hparams = parse_overrides(argv, config._replace(**saved), ckpt.hparams)
+        return config, hparams, f"preset: the resumed run's, as saved in {requested.resume}"
+    name = requested.preset or ("minutes" if requested.minutes else "none")
+    if name == "none":
+        return (*parse_overrides(argv, config, hparams),
+                "preset: none (CONFIG in train.py and HPARAMS in transformer.py as written)")
+    if name == "minutes":
+        minutes = budget_minutes(requested.minutes)
+        recipe, name = BUDGETS[minutes].recipe, f"minutes{minutes}"
+        why = (f"--minutes={requested.minutes:g}: the {minutes}-minute recipe of "
+               "docs/results.md, \"Budgets\"; --preset=none trains CONFIG and HPARAMS as "
+               f"written for {requested.minutes:g} minutes instead")
+    elif name in PRESETS:
+        recipe, why = PRESETS[name], f"--preset={name}"
+    else:
+        raise UserError(f"--preset={name}: unknown preset. Valid presets: none, "
+                        f"{', '.join(PRESETS)}.")
+    given = {arg.removeprefix("--").partition("=")[0] for arg in argv}
+    config, hparams, replaced = apply(recipe, config, hparams)
+    replaced = [line for line in replaced if line.split()[0] not in given]
+    config, hparams = parse_overrides(argv, config._replace(preset=name), hparams)
+    lines = "".join(f"\n  {line}" for line in replaced) or " nothing"
+    return config, hparams, (f"preset: {name} ({why})\nit replaces, of CONFIG and HPARAMS as "
+                             f"written:{lines}")
+
+
+def check_config(config) -> None:
+    """UserError naming the first field of train.py's config out of its range."""
     for name in ("batch_size", "max_iters", "eval_interval", "eval_batch_size",
                  "log_interval", "eval_chars", "min_char_count"):
         if getattr(config, name) < 1:

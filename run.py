@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 import checkpoint
-from common import atomic_write
+from common import UserError, atomic_write
 
 
 class Run:
@@ -266,3 +266,13 @@ def log_evaluation(run: Run, bar: tqdm, step: int, losses, tokens_per_s: float,
         run.tracker.track(step, {"subset": subset}, loss=loss, bpc=loss / math.log(2))
     if sample is not None:
         run.tracker.track_text(step, "sample", sample())
+
+
+def plot_only(path: str) -> None:
+    """train.py --plot_only: redraws the loss plot of the run of params file `path`."""
+    ckpt = checkpoint.load(path)
+    if not ckpt.meta.get("history", {}).get("step"):
+        raise UserError(f"{path!r} holds no evaluations to plot.")
+    plot = plot_path(os.path.dirname(path), ckpt.meta["run_hash"])
+    plot_losses(ckpt.meta["history"], plot, f"run {ckpt.meta['run_hash']}")
+    print(plot)

@@ -5,9 +5,9 @@ dropout, the optimizer's update). Every eval_interval steps: the loss over the v
 split (a fixed sample of it past eval_chars characters) and as many training windows, the
 latest params file, the best one (`.min_val.pkl`) when validation improves, one log line,
 and Aim metrics with a text sample. `--minutes=N` trains for N minutes of wall time instead
-(budget.py: the recipe, the steps, the evaluations). Ctrl-C or SIGTERM saves the latest
-params file and prints how to resume. The text as ids: encoding.py; the config and its
-recipes: recipes.py; the step: train_step.py; its loss: objectives.py; the optimizer:
+(budget.py: the steps, the evaluations). Ctrl-C or SIGTERM saves the latest params file and
+prints how to resume. The run is CONFIG below and transformer.HPARAMS as written; named
+recipes (--preset, --minutes' choice): recipes.py. The text as ids: encoding.py; the step: train_step.py; its loss: objectives.py; the optimizer:
 optimizer.py; the run's files, log and plot: run.py.
 """
 
@@ -36,37 +36,84 @@ import metrics
 import objectives
 import sampling
 import transformer
-from common import StopRequest, UserError, format_config, parse_overrides, run_main
+from common import (StopRequest, UserError, describe, format_config, parse_overrides,
+                    run_main)
 from optimizer import current_rates, evaluated_params, hidden_matrices, make_optimizer
-from recipes import CONFIG, PRESETS, Config, check_config, choose_preset
+from recipes import PRESETS, apply, check_config, resolve
 from run import (NonFiniteLoss, Run, Speed, log_evaluation, log_progress,
-                 params_paths, plot_losses, plot_path)  # noqa: F401 (train.params_paths)
+                 params_paths, plot_only)  # noqa: F401 (train.params_paths)
 from train_step import (TrainState, init_state, make_mesh, make_train_step, mesh_devices,
-                        split_cpu_cores)
+                        resumed_state, split_cpu_cores)
 
 
-def resumed_state(config: Config, ckpt: checkpoint.Checkpoint, optimizer) -> TrainState:
-    """The training state of the params file config.resume (`ckpt`), checked against this
-    run's optimizer; UserError where it cannot continue."""
-    if ckpt.opt_state is None or ckpt.rng is None:
-        raise UserError(f"--resume={config.resume}: the file has no optimizer state or rng "
-                        "(a shipped params file?); resume from a training run's file.")
-    if ckpt.meta.get("resumes_at_commit"):
-        raise UserError(f"--resume={config.resume}: written before the after-next head "
-                        "became an objective of its own; resume it at commit "
-                        f"{ckpt.meta['resumes_at_commit']} (`git checkout "
-                        f"{ckpt.meta['resumes_at_commit']}`).")
-    params = jax.device_put(ckpt.params)
-    expected = jax.eval_shape(optimizer.init, params)  # shapes only: no compute
-    structure = jax.tree.structure(expected)
-    if [x.shape for x in jax.tree.leaves(expected)] != [np.shape(x) for x in ckpt.opt_state]:
-        raise UserError(f"--resume={config.resume}: its optimizer state does not match this "
-                        "optimizer (was weight decay, clipping or ema_decay switched on or "
-                        "off?).")
-    # In this optimizer's dtypes: a run resumed where "auto" chooses another compute dtype.
-    opt_state = jax.tree.unflatten(structure, [jnp.asarray(x, e.dtype) for x, e in zip(
-        ckpt.opt_state, jax.tree.leaves(expected))])
-    return TrainState(params, opt_state, jnp.asarray(ckpt.rng), jnp.int32(ckpt.meta["step"]))
+class Config(NamedTuple):
+    """The run. `python train.py` trains these values (and transformer.HPARAMS) as written:
+    the recipe of the shipped Cervantes params. --name=value changes one for a run; a named
+    recipe (--preset, --minutes) replaces some, each printed (recipes.py)."""
+    batch_size: int = 32           # sequences per step, each max_seq_len characters
+    max_iters: int = 4000          # optimizer steps in the run; the schedule spans them
+    minutes: float = 0.0           # a budget of wall time instead (start-up and evaluations
+                                   # included): the rates decay as the time runs out; without
+                                   # --preset the budget's recipe (recipes.BUDGETS); 0: none
+    learning_rate: float = 3e-3    # peak AdamW learning rate (under Muon: of its AdamW part)
+    warmup_iters: int = 100        # linear warmup from 0: early Adam steps are noisy
+    schedule: str = "wsd"          # after warmup: "cosine" decay, or "wsd" (warmup-stable-
+                                   # decay: constant, then linear over the last decay_fraction)
+    decay_fraction: float = 1.0    # "wsd": the share of max_iters spent decaying
+    min_lr_ratio: float = 0.0      # the decay ends at learning_rate * min_lr_ratio
+    optimizer: str = "muon"        # "adamw", or "muon": Muon on the hidden weight matrices,
+                                   # AdamW (learning_rate) on embeddings, unembedding, biases, gains
+    muon_learning_rate: float = 0.01  # "muon": the peak learning rate of its matrices
+    weight_decay: float = 0.3      # decoupled decay: AdamW's on matrices and embeddings;
+                                   # Muon's on its matrices (none on its AdamW part)
+    weight_decay_final: float | None = None  # None: weight_decay throughout; else the decay
+                                   # moves linearly from weight_decay to this over max_iters
+    beta2: float = 0.99            # Adam's second-moment decay: small batches, noisy grads
+    grad_clip: float = 1.0         # clip the global gradient norm to this (0: no clipping)
+    ahead_loss: float = 0.3        # multi-token prediction: a training-only second head
+                                   # predicts the character after next, its loss added at
+                                   # this weight (objectives.py; 0: none)
+    ema_decay: float = 0.995       # evaluate (and keep as the best params) a moving average
+                                   # of the params, this much of it kept per step (0: none)
+    batches: str = "shuffled"      # "random" windows, or "shuffled" passes over the text
+    teachers: str = ""             # params files (comma-separated) trained on this text:
+                                   # distil their ensemble into this model (objectives.py)
+    distill_weight: float = 0.5    # with teachers: the weight of the cross-entropy against
+                                   # their averaged predictions (the rest: the next character)
+    compute_dtype: str = "auto"    # training matmuls' operands (float32 accumulation and
+                                   # params either way): "bfloat16", "float32", or "auto":
+                                   # bfloat16 where it runs natively (README, "Precision")
+    prng_seed: int = 6436          # initialization, batches and dropout all follow from it
+    source_file: str = data.CORPUS_FILE  # any UTF-8 text: the first 90% trains, the rest
+                                   # validates (the fetched known texts: SHA-256 checked)
+    min_char_count: int = 1        # the vocabulary: the characters seen at least this often;
+                                   # the rest read as one unknown symbol (encoding.py)
+    eval_interval: int = 200       # steps between full evaluations and params files
+    eval_batch_size: int = 32      # windows per step of the evaluation lax.map
+    eval_chars: int = 111_616      # characters each evaluation reads of the validation split:
+                                   # the whole split if it is no longer (Cervantes', Tiny
+                                   # Shakespeare's: 872 windows of 128, the larger), else
+                                   # evenly spread windows, the same in every run of a text;
+                                   # as many of the training split. eval.py reads it whole
+    cpu_devices: int = 0           # on one CPU host, the per-core devices the batch is split
+                                   # across (0: as many as divide the batches with AdamW,
+                                   # one with Muon: train_step.mesh_devices)
+    log_interval: int = 10         # steps between progress updates (each syncs the host)
+    resume: str = ""               # params file (`params/params.<hash>.pkl`) to continue
+    params_dir: str = "params"     # where params files and the loss plot go
+    aim: bool = True               # track the run in Aim (`aim up` to browse)
+    aim_repo: str = "."            # folder holding the Aim repository `.aim`
+    sample_chars: int = 200        # characters sampled for Aim at each evaluation (0: none)
+    plot_only: str = ""            # params file: redraw its run's loss plot and exit
+    distributed: bool = False      # several hosts: jax.distributed.initialize() first
+    coordinator_address: str = ""  # host:port of process 0 ("": from the environment)
+    num_processes: int | None = None  # processes in all (None: from the environment)
+    process_id: int | None = None  # this process (None: from the environment)
+    preset: str = ""               # a named recipe (recipes.PRESETS) over these values, each
+                                   # field it replaces printed; "none": these even with --minutes
+
+
+CONFIG = Config()
 
 
 def read_text(config: Config, hparams: transformer.HParams, vocab: str | None):
@@ -242,39 +289,13 @@ def evaluate_and_save(setup: Setup, state: TrainState, step: int, plan, speed: S
     speed.reset()
 
 
-def resolve(argv) -> tuple[Config, transformer.HParams]:
-    """The run's config and HPARAMS: the arguments over the preset's settings (choose_preset;
-    with --minutes and no --preset, the budget's recipe: budget.recipe) or, with --resume,
-    over the config saved in the params file (and its HPARAMS), so that a
-    resumed run keeps its schedule without repeating its options."""
-    config, _ = parse_overrides(argv, CONFIG, transformer.HPARAMS)
-    if config.resume:
-        if config.resume.endswith(".min_val.pkl"):
-            raise UserError(
-                f"--resume={config.resume}: a .min_val.pkl file holds a run's best params "
-                f"(with --ema_decay, their average), not its training state. Resume from the "
-                f"run's latest file: --resume={config.resume.removesuffix('.min_val.pkl')}")
-        ckpt = checkpoint.load(config.resume)
-        saved = {k: v for k, v in ckpt.meta.get("config", {}).items() if k in Config._fields}
-        return parse_overrides(argv, CONFIG._replace(**saved), ckpt.hparams)
-    if config.minutes and config.preset == "auto":  # the budget's recipe
-        return parse_overrides(argv, *budget.recipe(config.minutes, CONFIG,
-                                                    transformer.HPARAMS))
-    name, _ = choose_preset(config.preset)
-    if name not in PRESETS:
-        raise UserError(f"--preset={name}: unknown preset. Valid presets: auto, "
-                        f"{', '.join(PRESETS)}.")
-    config, hparams = parse_overrides(argv, *PRESETS[name])
-    return config._replace(preset=name), hparams
-
-
-def plot_only(path: str) -> None:
-    ckpt = checkpoint.load(path)
-    if not ckpt.meta.get("history", {}).get("step"):
-        raise UserError(f"{path!r} holds no evaluations to plot.")
-    plot = plot_path(os.path.dirname(path), ckpt.meta["run_hash"])
-    plot_losses(ckpt.meta["history"], plot, f"run {ckpt.meta['run_hash']}")
-    print(plot)
+def gpu_hint(config: Config) -> str:
+    """On a GPU, without a preset: the line that names the GPU-sized recipe."""
+    platform = jax.default_backend()
+    if config.preset or config.resume or platform == "cpu":
+        return ""
+    return (f"on {platform}: --preset=gpu trains the GPU-sized recipe "
+            f"({describe(*apply(PRESETS['gpu'], CONFIG, transformer.HPARAMS)[:2])})\n")
 
 
 def start_distributed(config: Config) -> None:
@@ -285,11 +306,11 @@ def start_distributed(config: Config) -> None:
 def main(argv, started: float | None = None) -> int:
     """`started`: when the process started (a --minutes budget counts from it)."""
     requested, _ = parse_overrides(argv, CONFIG, transformer.HPARAMS)
-    if requested.distributed:  # before any other JAX call (choose_preset asks for the backend)
+    if requested.distributed:  # before any other JAX call
         start_distributed(requested)
     elif not requested.resume:  # a resumed run's: as saved in its file, below
         split_cpu_cores()
-    config, hparams = resolve(argv)
+    config, hparams, said = resolve(argv, CONFIG, transformer.HPARAMS)
     if config.plot_only:
         plot_only(config.plot_only)
         return 0
@@ -303,11 +324,9 @@ def main(argv, started: float | None = None) -> int:
         transformer.validate(hparams)
     except ValueError as e:
         raise UserError(str(e)) from None
-    why = ("the resumed run's" if config.resume else
-           budget.explain(config, hparams) if config.preset.startswith("minutes") else
-           choose_preset(requested.preset)[1])
-    print(f"devices: {mesh_devices(config)}\npreset: {config.preset} ({why})\nconfig:\n"
-          f"{format_config(config)}\nhparams:\n{format_config(hparams)}", file=sys.stderr)
+    print(f"devices: {mesh_devices(config)}\n{said}\n{gpu_hint(config)}config:\n"
+          f"{format_config(config)}\n"
+          f"hparams:\n{format_config(hparams)}", file=sys.stderr)
     try:
         meta = train(config, hparams, started=started)
     except NonFiniteLoss as e:
@@ -320,4 +339,5 @@ def main(argv, started: float | None = None) -> int:
 
 if __name__ == "__main__":
     run_main(functools.partial(main, started=STARTED), __doc__, [CONFIG, transformer.HPARAMS],
-             {"auto": None, **PRESETS})
+             {name: apply(recipe, CONFIG, transformer.HPARAMS)[:2]
+              for name, recipe in PRESETS.items()})

@@ -9,9 +9,11 @@ from typing import Callable, NamedTuple
 import haiku as hk
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import data
+from common import UserError
 
 
 class TrainState(NamedTuple):
@@ -116,3 +118,27 @@ def init_state(seed: int, loss: hk.Transformed, optimizer, seq_len: int) -> Trai
     dummy = jnp.zeros((1, seq_len), jnp.int32)
     params = jax.jit(loss.init, static_argnums=4)(init_key, dummy, dummy, None, False)
     return TrainState(params, optimizer.init(params), rng, jnp.int32(0))
+
+
+def resumed_state(config, ckpt, optimizer) -> TrainState:
+    """The training state of the params file config.resume (`ckpt`, a checkpoint.Checkpoint),
+    checked against this run's optimizer; UserError where it cannot continue."""
+    if ckpt.opt_state is None or ckpt.rng is None:
+        raise UserError(f"--resume={config.resume}: the file has no optimizer state or rng "
+                        "(a shipped params file?); resume from a training run's file.")
+    if ckpt.meta.get("resumes_at_commit"):
+        raise UserError(f"--resume={config.resume}: written before the after-next head "
+                        "became an objective of its own; resume it at commit "
+                        f"{ckpt.meta['resumes_at_commit']} (`git checkout "
+                        f"{ckpt.meta['resumes_at_commit']}`).")
+    params = jax.device_put(ckpt.params)
+    expected = jax.eval_shape(optimizer.init, params)  # shapes only: no compute
+    structure = jax.tree.structure(expected)
+    if [x.shape for x in jax.tree.leaves(expected)] != [np.shape(x) for x in ckpt.opt_state]:
+        raise UserError(f"--resume={config.resume}: its optimizer state does not match this "
+                        "optimizer (was weight decay, clipping or ema_decay switched on or "
+                        "off?).")
+    # In this optimizer's dtypes: a run resumed where "auto" chooses another compute dtype.
+    opt_state = jax.tree.unflatten(structure, [jnp.asarray(x, e.dtype) for x, e in zip(
+        ckpt.opt_state, jax.tree.leaves(expected))])
+    return TrainState(params, opt_state, jnp.asarray(ckpt.rng), jnp.int32(ckpt.meta["step"]))

@@ -26,20 +26,22 @@ from kv_cache import NO_POSITION, KeysValues
 
 
 class HParams(NamedTuple):
+    """The model. `python train.py` trains these values as written: the shipped Cervantes
+    model's. A params file carries its own (checkpoint.py)."""
     max_seq_len: int = 128      # training sequence length; without attention_window also the
                                 # context: positions 0..max_seq_len-1
-    d_model: int = 384          # width of the residual stream (D)
-    h: int = 6                  # attention heads (H); d_model must be divisible by h
-    d_ff: int = 1536            # hidden width of the feed-forward block (F), 4 * d_model
+    d_model: int = 256          # width of the residual stream (D)
+    h: int = 4                  # attention heads (H); d_model must be divisible by h
+    d_ff: int = 1024            # hidden width of the feed-forward block (F), 4 * d_model
     decoder_N: int = 6          # decoder layers: causal self-attention + feed-forward
     encoder_N: int = 1          # encoder layers, used only when use_encoder (<= decoder_N)
     use_encoder: bool = False   # decoder layer i < encoder_N cross-attends to encoder layer i
-    dropout: float = 0.2        # of embeddings, attention weights, branches (kernels.dropout)
+    dropout: float = 0.1        # of embeddings, attention weights, branches (kernels.dropout)
     activation: str = "relu"    # the feed-forward block's: "relu", or "relu2", its square
                                 # (So et al. 2021, "Primer"; modded-nanogpt's)
-    positions: str = "learned"  # "learned" embeddings, fixed "sinusoidal" encodings, or
+    positions: str = "rotary"   # "learned" embeddings, fixed "sinusoidal" encodings, or
                                 # "rotary": queries and keys rotated by position (RoPE)
-    attention_window: int | None = None  # W: a query sees itself and the W - 1 positions
+    attention_window: int | None = 128  # W: a query sees itself and the W - 1 positions
                                 # before it (None: all). With rotary: a streaming model
     stochastic_depth: float = 0.0  # while training, drop a sequence's residual branches of
                                 # the last layer at this rate, of layer i of N at (i+1)/N of it

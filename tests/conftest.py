@@ -31,16 +31,25 @@ CORPUS = os.path.join(ROOT, "novelas_ejemplares.txt")
 SHAKESPEARE = os.environ.get("TINYSHAKESPEARE") or os.path.join(
     os.path.dirname(ROOT), "shared", "tinyshakespeare.txt")
 
-# A model small enough that each test runs in seconds on a CPU.
+# A model small enough that each test runs in seconds on a CPU: the original project's kind
+# (learned positions, no window), as the tests' own fields below.
 TINY = transformer.HParams(max_seq_len=16, d_model=32, h=4, d_ff=64, decoder_N=2,
-                           encoder_N=1, use_encoder=False, dropout=0.1)
+                           encoder_N=1, use_encoder=False, dropout=0.1, positions="learned",
+                           attention_window=None)
+
+
+def original_config():
+    """train.CONFIG under the original project's recipe (AdamW, cosine decay, random
+    windows, no second head, no averaging): the plain training the tests change a field of."""
+    import recipes
+    import train
+
+    return train.CONFIG._replace(**recipes.ORIGINAL.config)
 
 
 def tiny_config(tmp_dir, **changes):
-    """train.CONFIG for a run of seconds: tiny batches, frequent evaluation, no Aim."""
-    import train
-
-    return train.CONFIG._replace(
+    """original_config() for a run of seconds: tiny batches, frequent evaluation, no Aim."""
+    return original_config()._replace(
         batch_size=8, max_iters=40, learning_rate=3e-3, warmup_iters=5, eval_interval=20,
         eval_batch_size=512, log_interval=5, source_file=CORPUS, aim=False,
         aim_repo=str(tmp_dir), params_dir=os.path.join(str(tmp_dir), "params"),

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 import bench
+import recipes
 import transformer
 from conftest import TINY, run_script
 
@@ -122,7 +123,8 @@ def test_bench_preset_takes_the_presets_model_and_batch(tmp_path):
     result = run_script("bench.py", "--preset=cpu", "--section=torch",
                         f"--torch_python={sys.executable}", f"--torch_script={script}")
     assert result.returncode == 0, result.stderr
-    config, hp = train.PRESETS["cpu"]
+    recipe = recipes.PRESETS["cpu"]
+    config, hp = train.CONFIG._replace(**recipe.config), transformer.HParams(**recipe.hparams)
     (call, _) = [json.loads(line)
                  for line in (tmp_path / "yardstick.py.calls").read_text().splitlines()]
     assert call[:6] == [str(x) for x in (config.batch_size, hp.max_seq_len, hp.decoder_N,
@@ -131,9 +133,9 @@ def test_bench_preset_takes_the_presets_model_and_batch(tmp_path):
 
 
 def test_bench_times_the_presets_optimizer_unless_told_another():
-    """`--preset=cpu` times the training step that `train.py --preset=cpu` runs (Muon), and
-    without a preset train.py's default (AdamW); --optimizer chooses. Each on train.py's
-    devices: AdamW's batch split over a device per core, Muon's on one."""
+    """`--preset=original` times the training step that `train.py --preset=original` runs
+    (AdamW), and without a preset train.py's CONFIG (Muon); --optimizer chooses. Each on
+    train.py's devices: AdamW's batch split over a device per core, Muon's on one."""
     import train
 
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -146,10 +148,10 @@ def test_bench_times_the_presets_optimizer_unless_told_another():
         return out["train_optimizer"], out["train_devices"]
 
     per_core = min(len(os.sched_getaffinity(0)), 2)  # as many as divide the batch of 2
-    assert train.PRESETS["cpu"][0].optimizer == "muon" != train.CONFIG.optimizer
-    assert timed("--preset=cpu") == ("muon", 1)
-    assert timed() == (train.CONFIG.optimizer, per_core)
-    assert timed("--preset=cpu", "--optimizer=adamw") == ("adamw", per_core)
+    assert recipes.PRESETS["original"].config["optimizer"] == "adamw" != train.CONFIG.optimizer
+    assert timed("--preset=original") == ("adamw", per_core)
+    assert timed() == (train.CONFIG.optimizer, 1)
+    assert timed("--preset=original", "--optimizer=muon") == ("muon", 1)
 
 
 def hand_flops_per_token(hp: transformer.HParams, V: int) -> int:

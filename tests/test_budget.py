@@ -10,11 +10,12 @@ import time
 import pytest
 
 import budget
+import recipes
 import checkpoint
 import common
 import optimizer
 import train
-from conftest import TINY, run_script, tiny_config
+from conftest import TINY, run_script, original_config, tiny_config
 
 
 def test_a_timed_run_keeps_its_budget_and_ends_at_its_final_rates(tmp_path, capsys):
@@ -74,7 +75,7 @@ def test_timed_rates_warm_up_by_steps_and_decay_by_time(schedule, at_half, at_th
     """A rate of the update's count (warmup) and of the budget's progress (decay): 0 at the
     first update, half the peak halfway through the warmup, then the decay of the time
     spent, ending at peak * min_lr_ratio."""
-    config = train.CONFIG._replace(minutes=5, warmup_iters=10, learning_rate=1e-3,
+    config = original_config()._replace(minutes=5, warmup_iters=10, learning_rate=1e-3,
                                    schedule=schedule, decay_fraction=0.5, min_lr_ratio=0.1)
     (rate,) = optimizer.learning_rates(config).values()
     assert float(rate(0, 0.0)) == 0.0 and float(rate(5, 0.0)) == pytest.approx(5e-4)
@@ -85,13 +86,20 @@ def test_timed_rates_warm_up_by_steps_and_decay_by_time(schedule, at_half, at_th
 
 
 def test_minutes_choose_their_budgets_recipe_and_other_options_still_win():
-    config, hparams = train.resolve(["--minutes=2", "--batch_size=8"])
+    resolve = lambda *argv: recipes.resolve(argv, train.CONFIG, train.transformer.HPARAMS)
+    config, hparams, said = resolve("--minutes=2", "--batch_size=8")
     assert (config.preset, config.minutes, config.batch_size) == ("minutes2", 2, 8)
-    assert hparams == train.transformer.HPARAMS._replace(**budget.BUDGETS[2][1])
-    assert train.resolve(["--minutes=7"])[0].preset == "minutes5"
-    assert train.resolve(["--minutes=0.5"])[0].preset == "minutes2"
-    config, hparams = train.resolve(["--preset=cpu", "--minutes=30"])  # the preset, timed
-    assert (config.preset, config.minutes) == ("cpu", 30) and hparams == train.PRESETS["cpu"][1]
+    assert hparams == train.transformer.HParams(**recipes.BUDGETS[2].recipe.hparams)
+    assert "  batch_size" not in said and "  d_model 256 -> 128" in said  # the option wins
+    assert resolve("--minutes=7")[0].preset == "minutes5"
+    assert resolve("--minutes=0.5")[0].preset == "minutes2"
+    config, hparams, _ = resolve("--preset=cpu", "--minutes=30")  # the preset, timed
+    assert (config.preset, config.minutes) == ("cpu", 30)
+    assert hparams == train.transformer.HParams(**recipes.CPU.hparams)
+    config, hparams, said = resolve("--preset=none", "--minutes=30")  # as written, timed
+    assert (config, hparams) == (train.CONFIG._replace(preset="none", minutes=30),
+                                 train.transformer.HPARAMS)
+    assert said.startswith("preset: none")
 
 
 def test_a_resumed_timed_run_trains_the_time_it_had_left(tmp_path):

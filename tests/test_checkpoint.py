@@ -19,7 +19,8 @@ import transformer
 
 VOCAB = "\n !,.abcdeñé¿"
 HPARAMS = transformer.HParams(max_seq_len=16, d_model=32, h=4, d_ff=64, decoder_N=2,
-                              encoder_N=1, use_encoder=True, dropout=0.1, positions="sinusoidal")
+                              encoder_N=1, use_encoder=True, dropout=0.1, positions="sinusoidal",
+                              attention_window=None)
 
 
 def _params(seed: int = 0) -> dict:
@@ -412,3 +413,18 @@ def test_files_from_before_the_after_next_objective_load_in_todays_form(tmp_path
     result = run_script("train.py", f"--resume={path}", "--aim=False", timeout=120)
     assert result.returncode == 2, result.stderr
     assert checkpoint.LEGACY_COMMIT in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_file_lacking_an_hparams_field_reads_the_value_it_was_trained_with(tmp_path):
+    """Fields added to HParams since the first files were added switched off: a file that
+    lacks one (the oldest shipped file lacks attention_window) reads the original value,
+    not today's default (a 128-character window, rotary positions)."""
+    old = {k: v for k, v in HPARAMS._asdict().items()
+           if k not in ("positions", "attention_window", "activation", "stochastic_depth")}
+    path = tmp_path / "params.old.pkl"
+    path.write_bytes(pickle.dumps({**_valid_payload(), "hparams": old}, protocol=4))
+    assert (transformer.HPARAMS.positions, transformer.HPARAMS.attention_window) == (
+        "rotary", 128)
+    hparams = checkpoint.load(str(path)).hparams
+    assert hparams == HPARAMS._replace(positions="learned")
+    assert hparams.attention_window is None and hparams.activation == "relu"

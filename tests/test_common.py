@@ -48,5 +48,5 @@ def test_every_script_answers_help_and_exits_0(script, configs, flag):
             assert line.startswith(f"  --{name}={default!r}  (")
             assert comments[name].split()[0] in line
     if script == "train.py":
-        for name in ("auto", *train.PRESETS):
+        for name in train.PRESETS:
             assert f"\n  {name}: " in out

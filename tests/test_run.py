@@ -8,7 +8,7 @@ import numpy as np
 
 import checkpoint
 import train
-from conftest import TINY, tiny_config
+from conftest import TINY, original_config, tiny_config
 from run import Run
 
 
@@ -164,7 +164,7 @@ def test_the_first_update_uses_the_schedules_rate_at_count_0():
 
     import optimizer
 
-    config = train.CONFIG._replace(warmup_iters=5, learning_rate=0.1, weight_decay=0.5)
+    config = original_config()._replace(warmup_iters=5, learning_rate=0.1, weight_decay=0.5)
     params = {"linear": {"w": np.ones((2, 3), np.float32)}}
     grads = {"linear": {"w": np.ones((2, 3), np.float32)}}
     opt = optimizer.make_optimizer(config, {"linear": {"w": True}})

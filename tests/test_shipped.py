@@ -8,6 +8,7 @@ import pytest
 import checkpoint
 import eval as evaluation
 import generate
+import recipes
 import train
 import transformer
 from conftest import CORPUS, ROOT, SHAKESPEARE, run_script
@@ -24,9 +25,9 @@ def test_shipped_params_reproduce_their_recorded_validation_loss(preset, text):
     """Each shipped file is its preset's streaming model without optimizer state, trained
     within the hour; eval.py gives its recorded validation loss on its text, and its target."""
     ckpt = checkpoint.load(checkpoint.SHIPPED_PARAMS[preset])
-    assert ckpt.hparams == train.PRESETS[preset][1]
+    assert ckpt.hparams == transformer.HParams(**recipes.PRESETS[preset].hparams)
     assert transformer.is_streaming(ckpt.hparams)  # every sampled character one cached step
-    recipe = train.PRESETS[preset][0]._asdict()
+    recipe = train.CONFIG._replace(**recipes.PRESETS[preset].config, preset=preset)._asdict()
     for name in ("preset", "batch_size", "max_iters", "optimizer", "learning_rate",
                  "muon_learning_rate", "weight_decay", "ema_decay", "batches"):
         assert ckpt.meta["config"][name] == recipe[name], name

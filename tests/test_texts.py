@@ -10,6 +10,8 @@ import pytest
 
 import checkpoint
 import data
+import recipes
+import transformer
 from common import UserError
 from conftest import CORPUS, SHAKESPEARE, run_script
 
@@ -182,11 +184,12 @@ def test_context_is_read_as_training_reads_text(tiny_run, tmp_path):
 def test_shakespeare_preset_trains_on_tiny_shakespeare():
     import train
 
-    config, hparams = train.PRESETS["shakespeare"]
+    config, hparams, _ = recipes.resolve(["--preset=shakespeare"], train.CONFIG,
+                                         transformer.HPARAMS)
     assert config.source_file == data.TEXTS["tinyshakespeare"].file
     text = data.read_text(SHAKESPEARE)
     train_ids, val_ids = data.split(data.encode(text, data.build_vocab(text)))
     assert (len(train_ids), len(val_ids)) == (1_003_854, 111_540)  # nanoGPT's 90% / 10%
     assert np.all(np.asarray(val_ids) < 65)
-    assert hparams == train.PRESETS["cpu"][1]._replace(decoder_N=4)
+    assert hparams == transformer.HParams(**recipes.CPU.hparams)._replace(decoder_N=4)
     assert config.ahead_loss == 0.0

@@ -27,9 +27,10 @@ import train_step
 import transformer
 import metrics
 import reader
+import recipes
 import sampling
-from conftest import (CORPUS, ROOT, SHAKESPEARE, TINY, make_optimizer, run_script, tiny_config,
-                      tiny_loss, within)
+from conftest import (CORPUS, ROOT, SHAKESPEARE, TINY, make_optimizer, original_config,
+                      run_script, tiny_config, tiny_loss, within)
 
 
 def test_loss_falls_well_below_character_frequencies(tiny_run):
@@ -164,38 +165,12 @@ def test_overrides_are_typed_and_checked():
         common.parse_overrides(["--max_iters"], train.CONFIG)
 
 
-def test_preset_sets_defaults_that_arguments_override():
-    assert train.resolve(["--preset=original"]) == (
-        train.CONFIG._replace(preset="original"), transformer.HPARAMS)
-    cpu_config, cpu_hparams = train.PRESETS["cpu"]
-    config, hparams = train.resolve(["--preset=cpu", "--batch_size=8"])
-    assert hparams == transformer.validate(cpu_hparams) != transformer.HPARAMS
-    assert config == cpu_config._replace(batch_size=8) and config.preset == "cpu"
-    for config, hparams in train.PRESETS.values():
-        train.check_config(config)
-        transformer.validate(hparams)
-
-
-def test_auto_preset_picks_the_recipe_for_the_machine():
-    """No --preset: the CPU recipe on a CPU (this machine), the GPU recipe on a GPU or TPU,
-    each a streaming model; the config records the preset chosen, not "auto"."""
-    assert train.CONFIG.preset == "auto"
-    assert train.resolve([]) == train.PRESETS["cpu"]
-    assert train.resolve(["--preset=auto", "--max_iters=7"])[0] == train.PRESETS["cpu"][
-        0]._replace(max_iters=7)
-    assert train.choose_preset("auto", "cpu")[0] == "cpu"
-    for platform in ("gpu", "tpu"):
-        name, why = train.choose_preset("auto", platform)
-        assert name == "gpu" and platform in why
-    assert train.choose_preset("original", "gpu") == ("original", "--preset")
-    assert transformer.is_streaming(train.PRESETS["gpu"][1])
-
-
 def test_gpu_recipe_lowers_for_cuda():
     """The GPU recipe cannot be timed here, but its training step (bfloat16, as auto picks on
     a GPU) and its sampler's jitted calls must lower for CUDA: jax.export needs no GPU."""
-    config, hp = train.PRESETS["gpu"]
-    config = config._replace(compute_dtype="bfloat16")
+    recipe = recipes.PRESETS["gpu"]
+    config = train.CONFIG._replace(**recipe.config, compute_dtype="bfloat16")
+    hp = transformer.HParams(**recipe.hparams)
     V = 65
     loss_fn = tiny_loss(hp, V, config.ahead_loss, "bfloat16")
     loss = hk.transform(loss_fn)
@@ -229,7 +204,9 @@ def test_gpu_recipe_lowers_for_cuda():
 
 
 def test_resume_keeps_the_saved_config_under_new_arguments(tiny_run):
-    config, hparams = train.resolve([f"--resume={tiny_run['latest']}", "--max_iters=60"])
+    config, hparams, said = recipes.resolve([f"--resume={tiny_run['latest']}", "--max_iters=60"],
+                                            train.CONFIG, transformer.HPARAMS)
+    assert said.startswith("preset: the resumed run's")
     saved = tiny_run["meta"]["config"]
     assert config.learning_rate == saved["learning_rate"] != train.CONFIG.learning_rate
     assert config.batch_size == saved["batch_size"] != train.CONFIG.batch_size
@@ -512,7 +489,7 @@ def test_train_step_compiles_once(tmp_path, optimizer):
 
 
 def test_schedule_warms_up_linearly_then_cosine_decays_to_its_floor():
-    config = train.CONFIG._replace(learning_rate=2e-3, warmup_iters=50, max_iters=450,
+    config = original_config()._replace(learning_rate=2e-3, warmup_iters=50, max_iters=450,
                                    min_lr_ratio=0.1)
     schedule = optimizer_module.make_schedule(config)
     peak, floor = 2e-3, 2e-4
@@ -540,7 +517,7 @@ def _tiny_params(ahead_loss=0.0):
 def test_weight_decay_shrinks_matrices_and_embeddings_only():
     """With zero gradients an AdamW step is pure decay: p -> p * (1 - lr * weight_decay) for
     weight matrices and embedding tables; biases and LayerNorm gains and offsets stay."""
-    config = train.CONFIG._replace(learning_rate=1e-2, warmup_iters=0, weight_decay=0.5)
+    config = original_config()._replace(learning_rate=1e-2, warmup_iters=0, weight_decay=0.5)
     params = _tiny_params()
     optimizer = make_optimizer(config, _tiny_loss())
     zeros = jax.tree.map(jax.numpy.zeros_like, params)
@@ -566,7 +543,7 @@ def test_weight_decay_final_moves_the_decay_linearly_over_the_run(name):
     """--weight_decay_final: with zero gradients and a constant learning rate, step k shrinks
     each decayed matrix by lr * (weight_decay + (final - weight_decay) * k / max_iters), and
     by lr * final past max_iters; without it every step shrinks by lr * weight_decay."""
-    config = train.CONFIG._replace(optimizer=name, learning_rate=1e-2,
+    config = original_config()._replace(optimizer=name, learning_rate=1e-2,
                                    muon_learning_rate=1e-2, warmup_iters=0, min_lr_ratio=1.0,
                                    max_iters=10, weight_decay=0.1, weight_decay_final=0.6,
                                    compute_dtype="float32")
@@ -588,7 +565,7 @@ def test_gradient_clipping_bounds_what_a_huge_gradient_moves(grad_clip):
     """A gradient of global norm 1e6 reaches Adam's first moment clipped to norm grad_clip
     (mu = (1 - b1) * g after one step); a small one is left as it is; 0 switches clipping off.
     Adam's first update alone is scale-free, so the moment shows what clipping changed."""
-    config = train.CONFIG._replace(grad_clip=grad_clip, warmup_iters=0)
+    config = original_config()._replace(grad_clip=grad_clip, warmup_iters=0)
     params = _tiny_params()
     optimizer = make_optimizer(config, _tiny_loss())
     leaves, tree = jax.tree.flatten(params)
@@ -606,7 +583,7 @@ def test_gradient_clipping_bounds_what_a_huge_gradient_moves(grad_clip):
 
 
 def test_wsd_schedule_warms_up_holds_then_decays_linearly():
-    config = train.CONFIG._replace(learning_rate=2e-3, warmup_iters=50, max_iters=400,
+    config = original_config()._replace(learning_rate=2e-3, warmup_iters=50, max_iters=400,
                                    min_lr_ratio=0.1, schedule="wsd", decay_fraction=0.25)
     schedule = optimizer_module.make_schedule(config)
     peak, floor, decay_start = 2e-3, 2e-4, 400 - 0.25 * 400
@@ -636,7 +613,7 @@ def test_muon_orthogonalizes_hidden_matrices_and_adamw_takes_the_rest(compute_dt
     Nesterov momentum's first-step factor. With zero gradients only Muon's matrices decay, by
     muon_learning_rate * weight_decay. With bfloat16 compute (bfloat16 moments) the same
     holds to bfloat16's precision. The second head of ahead_loss is an unembedding too."""
-    config = train.CONFIG._replace(optimizer="muon", learning_rate=1e-3,
+    config = original_config()._replace(optimizer="muon", learning_rate=1e-3,
                                    muon_learning_rate=0.02, warmup_iters=0, weight_decay=0.5,
                                    grad_clip=0.0, compute_dtype=compute_dtype)
     params = _tiny_params(ahead_loss=0.5)
@@ -776,7 +753,7 @@ def test_muon_scales_each_matrix_by_haikus_in_out_layout():
     """Haiku's weights are [in, out]: Muon's update of a matrix that widens (in < out) is
     sqrt(out / in) times that of its narrowing transpose (optax's scale
     sqrt(max(1, fan_out / fan_in))); read the other way round, the narrowing one would get it."""
-    config = train.CONFIG._replace(optimizer="muon", muon_learning_rate=0.02, warmup_iters=0,
+    config = original_config()._replace(optimizer="muon", muon_learning_rate=0.02, warmup_iters=0,
                                    weight_decay=0.0, grad_clip=0.0, compute_dtype="float32")
     g = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (8, 32)))
     params = {"widen": {"w": np.zeros((8, 32), np.float32)},
