@@ -117,7 +117,7 @@ def test_a_new_text_trains_evaluates_and_samples(tmp_path):
     result = run_script("train.py", f"--source_file={path}", f"--params_dir={params_dir}",
                         *TINY_ARGS)
     assert result.returncode == 0, result.stderr
-    assert "preset: cpu (auto: JAX runs on the CPU" in result.stderr  # no --preset: auto
+    assert "preset: none (CONFIG in train.py and HPARAMS" in result.stderr  # as written
     (best,) = [str(p) for p in params_dir.glob("*.min_val.pkl")]
     vocab = checkpoint.load(best).vocab
     assert vocab == data.build_vocab(TEXT) and "\r" not in vocab and "\ufeff" not in vocab

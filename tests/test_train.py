@@ -28,6 +28,7 @@ import transformer
 import metrics
 import reader
 import recipes
+import run as run_module
 import sampling
 from conftest import (CORPUS, ROOT, SHAKESPEARE, TINY, make_optimizer, original_config,
                       run_script, tiny_config, tiny_loss, within)
@@ -64,7 +65,7 @@ def test_both_params_files_hold_their_steps(tiny_run):
     best_step = history["step"][int(np.argmin(history["val_loss"]))]
     assert best.meta["step"] == best.meta["min_val_step"] == best_step
     assert best.meta["min_val_loss"] == pytest.approx(min(history["val_loss"]))
-    assert os.path.exists(train.plot_path(os.path.dirname(tiny_run["latest"]),
+    assert os.path.exists(run_module.plot_path(os.path.dirname(tiny_run["latest"]),
                                           latest.meta["run_hash"]))
 
 
@@ -208,7 +209,7 @@ def test_resume_keeps_the_saved_config_under_new_arguments(tiny_run):
                                             train.CONFIG, transformer.HPARAMS)
     assert said.startswith("preset: the resumed run's")
     saved = tiny_run["meta"]["config"]
-    assert config.learning_rate == saved["learning_rate"] != train.CONFIG.learning_rate
+    assert config.optimizer == saved["optimizer"] != train.CONFIG.optimizer
     assert config.batch_size == saved["batch_size"] != train.CONFIG.batch_size
     assert (config.max_iters, config.resume) == (60, tiny_run["latest"])
     assert hparams == TINY
@@ -219,7 +220,7 @@ def test_resume_keeps_the_saved_config_under_new_arguments(tiny_run):
     (["--batch_size=0"], "--batch_size=0: must be >= 1"),
     (["--d_model=30", "--h=4"], "d_model=30 must be divisible by h=4"),
     (["--resume=/nonexistent.pkl"], "cannot read params file"),
-    (["--preset=tpu"], "--preset=tpu: unknown preset. Valid presets: auto, original, cpu"),
+    (["--preset=tpu"], "--preset=tpu: unknown preset. Valid presets: none, original, cpu"),
     (["--compute_dtype=float16"], "--compute_dtype='float16': one of auto, bfloat16, float32"),
     (["--optimizer=sgd"], "--optimizer='sgd': one of adamw, muon"),
     (["--schedule=step"], "--schedule='step': one of cosine, wsd"),
@@ -416,7 +417,8 @@ def test_resume_refuses_a_changed_optimizer(tiny_run, monkeypatch):
     real_make_optimizer = train.make_optimizer
     monkeypatch.setattr(train, "make_optimizer", lambda config, hidden: optax.chain(
         real_make_optimizer(config, hidden), optax.scale_by_adam()))
-    config, _ = train.resolve([f"--resume={tiny_run['latest']}"])
+    config, _, _ = recipes.resolve([f"--resume={tiny_run['latest']}"], train.CONFIG,
+                                   transformer.HPARAMS)
     with pytest.raises(common.UserError, match="optimizer state does not match"):
         train.train(config, transformer.HPARAMS)
 

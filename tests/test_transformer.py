@@ -141,7 +141,7 @@ def test_param_count_of_default_hparams():
     shapes = jax.eval_shape(functools.partial(model.init, is_training=False),
                             jax.random.PRNGKey(0), jnp.zeros((1, hp.max_seq_len), jnp.int32))
     D, F, V, S = hp.d_model, hp.d_ff, vocab_size, hp.max_seq_len
-    formula = (V * D + S * D
+    formula = (V * D + (S * D if hp.positions == "learned" else 0)
                + hp.decoder_N * (2 * 2 * D + 4 * (D * D + D) + D * F + F + F * D + D)
                + 2 * D + D * V + V)
     assert count(shapes) == formula
