@@ -167,7 +167,7 @@ def bench_train(config, hp) -> dict:
            "train_devices": len(devices)}
     weights = objectives.Weights(train_config.ahead_loss)
     for dtype in config.compute_dtypes.split(","):
-        loss = objectives.loss_fn(hp, len(vocab), weights, kernels.Speed(dtype))
+        loss = objectives.loss_fn(hp, len(vocab), weights, dtype)
         dummy = jnp.zeros((1, hp.max_seq_len), jnp.int32)
         optimizer = optim.make_optimizer(train_config._replace(compute_dtype=dtype),
                                          optim.hidden_matrices(loss, dummy, dummy))

@@ -1,20 +1,16 @@
 """How the model's arithmetic runs fast on XLA (mostly XLA:CPU): none of it changes the math.
 
 transformer.py calls these in place of the plain JAX operations; each piece says why it is
-here, with the measurement behind it (docs/benchmarks.md for the whole-model figures). What a
-caller chooses is one value, Speed, given to transformer.build (which enters `running(speed)`
-around the model): the compute dtype, the one channel of precision, and the weight layout.
+here, with the measurement behind it (docs/benchmarks.md for the whole-model figures).
 
-  Speed, running    the choices, and the jmp policies that carry the compute dtype to every
-                    Linear (Logits: float32 outputs whatever the compute dtype).
+  precision         Haiku's mixed-precision policies that transformer.forward_fn sets: the
+                    compute dtype of every Linear (Logits: float32 outputs).
   matmul, einsum    bfloat16 operands with float32 accumulation, and gradient rules that
                     keep the backward matmuls in bfloat16 (JAX's own rules ran them at
                     float32 speed).
-  Linear, Logits    hk.Linear by `matmul`; for single rows (sampling one stream), the
-                    transposed copy "w_t" of add_transposed_weights, which XLA:CPU streams
-                    faster, where Speed.transposed_weights (the cached model's) says so.
-  fused_attention   jax.nn.dot_product_attention, XLA's fused softmax(q k) v, where no
-                    attention weight is dropped.
+  Linear, Logits    hk.Linear by `matmul`; a single row (sampling one stream) reads the
+                    transposed copy "w_t" where the params have one (add_transposed_weights),
+                    which XLA:CPU streams faster.
   in_bands          windowed attention over a long sequence in W-blocks, each over its
                     own keys and the previous block's: T * 2W scores instead of T^2 (eval's
                     pass over the 103,097 validation characters: 0.1 GB a head, not 42).
@@ -24,9 +20,7 @@ and which precision to train in: choose_compute_dtype.
 """
 
 import contextlib
-import contextvars
 import functools
-from typing import NamedTuple
 
 import haiku as hk
 import jax
@@ -34,35 +28,18 @@ import jax.numpy as jnp
 import jmp
 import numpy as np
 
-
-class Speed(NamedTuple):
-    """How the model's arithmetic runs (transformer.build's argument): what it computes is the
-    same either way, up to the rounding of the compute dtype."""
-    compute_dtype: str = "float32"    # "bfloat16": the Linears' operands and outputs, and so
-                                      # attention's matmuls (float32 params, accumulation,
-                                      # logits, LayerNorm, softmax and residual stream)
-    transposed_weights: bool = False  # single rows read the "w_t" copies of
-                                      # add_transposed_weights (the cached model's)
-
-
-_SPEED = contextvars.ContextVar("speed", default=Speed())
+from kv_cache import NO_POSITION
 
 
 @contextlib.contextmanager
-def running(speed: Speed):
-    """Within it, Linear and Logits compute as `speed` says: Haiku's mixed precision casts
-    their inputs and parameters to the compute dtype (as PyTorch's autocast), and Linear's
-    outputs stay in it for the next matmul; Logits' outputs are float32 (a bfloat16 logit
-    near 8 is off by up to 1/32). transformer.build enters it around the model."""
-    dtype = speed.compute_dtype
-    policy = jmp.get_policy(f"params=float32,compute={dtype},output={dtype}")
-    token = _SPEED.set(speed)
-    try:
-        with (hk.mixed_precision.push_policy(Linear, policy),
-              hk.mixed_precision.push_policy(Logits, policy.with_output_dtype(jnp.float32))):
-            yield
-    finally:
-        _SPEED.reset(token)
+def precision(compute_dtype: str):
+    """Within it, Haiku's mixed precision casts each Linear's input and params to
+    compute_dtype (as PyTorch's autocast) and keeps its output in it for the next matmul;
+    Logits' outputs are float32 (a bfloat16 logit near 8 is off by up to 1/32)."""
+    policy = jmp.get_policy(f"params=float32,compute={compute_dtype},output={compute_dtype}")
+    with (hk.mixed_precision.push_policy(Linear, policy),
+          hk.mixed_precision.push_policy(Logits, policy.with_output_dtype(jnp.float32))):
+        yield
 
 # ---------------------------------------------------------------------------------------------
 # The training precision
@@ -203,11 +180,11 @@ _low_precision_einsum.defvjp(_low_precision_einsum_fwd, _low_precision_einsum_bw
 class Linear(hk.Linear):
     """hk.Linear (same parameters and initializers, always a bias) computed by `matmul`.
 
-    Under `running`'s policy Haiku casts the input and parameters to the compute dtype before
-    this call and the output to the policy's output dtype after it.
+    Under `precision`'s policy Haiku casts the input and parameters to the compute dtype
+    before this call and the output to the policy's output dtype after it.
 
-    With Speed.transposed_weights, a single row x [1, I] with I > O is multiplied by the
-    weight's transposed copy "w_t" [O, I] (see add_transposed_weights). XLA:CPU computes
+    Where the params have a transposed copy "w_t" [O, I] of the weight (the sampler's, by
+    add_transposed_weights), a single row x [1, I] is multiplied by it. XLA:CPU computes
     x @ w by streaming w's rows, and long rows stream faster: ff_out's w_t has 1536-float
     rows where w has 384-float ones (22-28 against 15-16 GB/s; one-stream sampling took
     11-13% less time per character). With more rows it is a matrix product, which ran slower
@@ -220,10 +197,8 @@ class Linear(hk.Linear):
     def __call__(self, inputs: jax.Array) -> jax.Array:
         *batch, self.input_size = inputs.shape
         x = inputs.reshape(-1, self.input_size)                          # [M, I]
-        if (_SPEED.get().transposed_weights and x.shape[0] == 1
-                and _has_w_t(self.input_size, self.output_size)):
-            w_t = hk.get_parameter("w_t", [self.output_size, self.input_size], inputs.dtype,
-                                   init=_missing_w_t)
+        if x.shape[0] == 1 and "w_t" in hk.get_params().get(self.module_name, {}):
+            w_t = hk.get_parameter("w_t", [self.output_size, self.input_size], inputs.dtype)
             out = _dot(x, w_t, (1, 1))                                   # x @ w_t.T
         else:
             w = hk.get_parameter("w", [self.input_size, self.output_size], inputs.dtype,
@@ -236,7 +211,7 @@ class Linear(hk.Linear):
 
 
 class Logits(Linear):
-    """The Linear that makes logits: under `running`'s policy its output is float32."""
+    """The Linear that makes logits: under `precision`'s policy its output is float32."""
 
 
 def _has_w_t(input_size: int, output_size: int) -> bool:
@@ -245,14 +220,9 @@ def _has_w_t(input_size: int, output_size: int) -> bool:
     return input_size > output_size
 
 
-def _missing_w_t(shape, dtype):
-    raise ValueError("the cached model reads single rows by transposed weights 'w_t': give it "
-                     "kernels.add_transposed_weights(params).")
-
-
 def add_transposed_weights(params: hk.Params) -> hk.Params:
     """params plus, for each Linear weight w [I, O] with I > O, its transpose "w_t" [O, I]:
-    what a single row of a Linear reads under Speed.transposed_weights. Other models ignore them."""
+    what a single row of a Linear reads (the sampler's one stream); more rows read w."""
     return {name: {**p, "w_t": jnp.transpose(p["w"])}
             if "w" in p and _has_w_t(*p["w"].shape) else p
             for name, p in params.items()}
@@ -262,45 +232,32 @@ def add_transposed_weights(params: hk.Params) -> hk.Params:
 # Attention and dropout
 
 
-def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """softmax(q k / sqrt(K), where mask) v by XLA's fused kernel, its matmuls' operands in
-    q's dtype: q [B, T, H, K], keys k [B, H, K, S], values v [B, H, S, K], mask [T, S] ->
-    [B, T, H, K]. It keeps no attention weights to drop, so it serves evaluation, sampling
-    and training without dropout."""
-    k, v = k.transpose(0, 3, 1, 2), v.transpose(0, 2, 1, 3)             # [B, S, H, K]
-    return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
-                                        mask=mask[None, None])
-
-
-def in_bands(attend, q, positions, k, v, key_positions, window: int, no_position: int,
-             split_rng: bool) -> jax.Array:
-    """Windowed attention over a sequence many windows long, in pieces: attend(q, positions,
-    k, v, key_positions) for the queries of each W-block over the keys of their own block and
-    the one before (all they can see), so that the cost grows as T * 2W instead of T^2.
-
-    q [B, T, H, K] at positions [T]; keys k [B, H, K, T], values v [B, H, T, K] at the same
-    positions. Padded keys get `no_position`, which no query sees. -> [B, T, H, K]
-    """
+def in_bands(attend, q, k, v, positions, window: int, split_rng: bool) -> jax.Array:
+    """Windowed self-attention over a sequence many windows long, in pieces: attend(q, k, v,
+    query_positions, key_positions) for the queries of each W-block over the keys of their
+    own block and the one before (all they can see), so that the cost grows as T * 2W
+    instead of T^2. q, k, v [B, T, H, K] at positions [T] -> [B, T, H, K]. Padded keys are at
+    NO_POSITION, which no query sees; split_rng: each block draws its own dropout."""
     B, T, H, K = q.shape
-    W = window
-    n = -(-T // W)                                                          # W-blocks
-    pad = lambda x, axis, value=0: jnp.pad(  # to n * W positions
-        x, [(0, n * W - T if a == axis else 0) for a in range(x.ndim)], constant_values=value)
-    previous = lambda x, axis, value=0: jnp.concatenate(  # each block's previous block
-        [jnp.full_like(jax.lax.index_in_dim(x, 0, axis), value),
-         jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)], axis=axis)
-    qs = pad(q, 1).reshape(B, n, W, H, K)                                   # [B, n, W, H, K]
-    query_positions = pad(positions, 0).reshape(n, W)                      # [n, W]
-    ks = pad(k, 3).reshape(B, H, K, n, W)
-    vs = pad(v, 2).reshape(B, H, n, W, K)
-    key_positions = pad(key_positions, 0, no_position).reshape(n, W)
-    ks = jnp.concatenate([previous(ks, 3), ks], axis=-1)                   # [B, H, K, n, 2W]
-    vs = jnp.concatenate([previous(vs, 2), vs], axis=3)                    # [B, H, n, 2W, K]
-    key_positions = jnp.concatenate([previous(key_positions, 0, no_position), key_positions],
-                                    axis=1)                                 # [n, 2W]
-    out = hk.vmap(attend, in_axes=(1, 0, 3, 2, 0), out_axes=1, split_rng=split_rng)(
-        qs, query_positions, ks, vs, key_positions)                         # [B, n, W, H, K]
-    return out.reshape(B, n * W, H, K)[:, :T]
+    n = -(-T // window)                                                     # W-blocks
+
+    def blocks(x, value=0):  # [B, T, ...] -> [B, n, W, ...]; positions [T] -> [n, W]
+        axis = 1 if x.ndim > 1 else 0
+        x = jnp.pad(x, [(0, n * window - T) if a == axis else (0, 0) for a in range(x.ndim)],
+                    constant_values=value)
+        return x.reshape(*x.shape[:axis], n, window, *x.shape[axis + 1:])
+
+    def after_previous(x, value=0):  # each block's keys after its previous block's
+        axis = 1 if x.ndim > 2 else 0
+        first = jnp.full_like(jax.lax.index_in_dim(x, 0, axis), value)
+        previous = jnp.concatenate([first, jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)],
+                                   axis=axis)
+        return jnp.concatenate([previous, x], axis=axis + 1)                # 2W keys
+
+    out = hk.vmap(attend, in_axes=(1, 1, 1, 0, 0), out_axes=1, split_rng=split_rng)(
+        blocks(q), after_previous(blocks(k)), after_previous(blocks(v)), blocks(positions),
+        after_previous(blocks(positions, NO_POSITION), NO_POSITION))       # [B, n, W, H, K]
+    return out.reshape(B, n * window, H, K)[:, :T]
 
 
 def dropout(x: jax.Array, rate: float, is_training: bool) -> jax.Array:

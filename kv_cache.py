@@ -1,8 +1,9 @@
 """KV caches: what the cached model (transformer.build_cached) keeps between sampling steps.
 
 The data's path: the model's attention blocks project each new position to keys and values
-and hand them to their cache (`update`); the cache stores them and returns the blocks of keys
-and values that the new queries attend over (transformer.attend). reader.Reader owns the
+and hand them, with the queries, to `attend`: the cache stores them (`update`) and returns
+the blocks of keys and values it holds, and `attend` scores the queries over those blocks by
+transformer.attention's formula, in the layouts the cache keeps. reader.Reader owns the
 caches: it makes them (init_cache: {layer: {block: cache}}, one per attention block), passes
 them through the model, for a chunk of one-position steps swaps each for a ChunkCache
 (start_chunk ... end_chunk), and reads a streaming model's context through them in chunks of
@@ -15,11 +16,13 @@ Two kinds, by model:
   RingCache  a streaming model (rotary positions, attention window W): the last W positions,
              position p in slot p mod W, forever, in constant memory.
 Both keep keys as [B, H, K, S] and values as [B, H, S, K], the layouts a one-position step's
-matmuls read: read in others inside a loop, XLA transposes them at every step; transposed
-once per chunk instead, they cost about 1-2% of one-stream sampling.
+matmuls read, and score a step's queries block by block: read in other layouts, or joined
+into one sequence for transformer.attention, the cache was copied at every step (one-stream
+sampling 22% slower: docs/benchmarks.md, "One attention story").
 """
 
-from typing import NamedTuple
+import math
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -149,6 +152,28 @@ class PrefillCache(NamedTuple):
                                                NO_POSITION))
         cache, blocks = self.cache.update(new)
         return self._replace(cache=cache), blocks
+
+
+def attend(cache, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
+           visible: Callable) -> tuple:
+    """Keys and values k, v [B, T, H, K] at `positions` [T] kept in `cache` (any kind above);
+    -> (cache, out [B, T, H, K]): queries q [B, T, H, K] attended over all the cache holds,
+    each seeing the keys visible(key_positions) [T, S] allows: transformer.attention's
+    formula without dropout, softmax(q k / sqrt(K)) v, here over the cache's blocks."""
+    cache, blocks = cache.update(KeysValues.of(k, v, positions))
+    mask = visible(jnp.concatenate([b.positions for b in blocks]))         # [T, S]
+    if len(blocks) == 1:  # XLA's fused kernel, on the keys in the model's layout
+        k, v = blocks[0].k.transpose(0, 3, 1, 2), blocks[0].v.transpose(0, 2, 1, 3)
+        return cache, jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
+                                                   mask=mask[None, None])
+    scores = jnp.concatenate([jnp.einsum("bthk,bhks->bhts", q, b.k.astype(q.dtype))
+                              for b in blocks], axis=-1)                  # [B, H, T, S]
+    scores = jnp.where(mask, scores / math.sqrt(q.shape[-1]), jnp.finfo(scores.dtype).min)
+    weights = jax.nn.softmax(scores).astype(q.dtype)
+    splits = np.cumsum([b.v.shape[2] for b in blocks])[:-1]
+    first, *rest = [jnp.einsum("bhts,bhsk->bthk", w, b.v.astype(q.dtype))  # [B, T, H, K]
+                    for w, b in zip(jnp.split(weights, splits, axis=-1), blocks)]
+    return cache, sum(rest, first)
 
 
 def init_cache(blocks: dict[str, tuple[str, ...]], batch_size: int, num_heads: int,

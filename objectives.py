@@ -58,31 +58,34 @@ def distillation(logits: jax.Array, soft_targets: jax.Array) -> jax.Array:
 
 
 def build_loss(hp: transformer.HParams, vocab_size: int, weights: Weights,
-               speed: kernels.Speed = kernels.Speed()) -> hk.Transformed:
+               compute_dtype: str = "float32") -> hk.Transformed:
     """apply(params, rng, inputs [B, T], targets [B, T], soft_targets [B, T, V] or None,
     is_training=True) -> (the objective minimized, the next character's loss). Its params:
     the model's (transformer.build's) and, with ahead_loss, the after-next head's (init with
     is_training False draws them as transformer.build's init would, in the same order)."""
-    return hk.transform(loss_fn(hp, vocab_size, weights, speed))
+    return hk.transform(loss_fn(hp, vocab_size, weights, compute_dtype))
 
 
 def loss_fn(hp: transformer.HParams, vocab_size: int, weights: Weights,
-            speed: kernels.Speed = kernels.Speed()):
-    """build_loss's function, untransformed (optimizer.hidden_matrices reads its modules)."""
-    def loss(inputs, targets, soft_targets=None, is_training=True):
-        with kernels.running(speed):
-            model = transformer.Transformer(hp, vocab_size)
-            features, _ = model.features(inputs, is_training)                  # [B, T, D]
-            logits = model.head(features)                                      # [B, T, V]
-            loss = next_character(logits, targets)
-            objective = loss
-            if soft_targets is not None:
-                objective = ((1 - weights.distill_weight) * loss
-                             + weights.distill_weight * distillation(logits, soft_targets))
-            if weights.ahead_loss:
-                ahead = kernels.Logits(vocab_size, name=AFTER_NEXT)(features)  # [B, T, V]
-                objective += weights.ahead_loss * after_next(ahead, targets)
+            compute_dtype: str = "float32"):
+    """build_loss's function, untransformed (optimizer.hidden_matrices reads its modules):
+    the model's forward (transformer.forward_fn) with these objectives as its output."""
+    def objectives(features, head, targets, soft_targets):
+        logits = head(features)                                                # [B, T, V]
+        loss = next_character(logits, targets)
+        objective = loss
+        if soft_targets is not None:
+            objective = ((1 - weights.distill_weight) * loss
+                         + weights.distill_weight * distillation(logits, soft_targets))
+        if weights.ahead_loss:
+            ahead = kernels.Logits(vocab_size, name=AFTER_NEXT)(features)      # [B, T, V]
+            objective += weights.ahead_loss * after_next(ahead, targets)
         return objective, loss
+
+    forward = transformer.forward_fn(hp, vocab_size, compute_dtype, objectives)
+
+    def loss(inputs, targets, soft_targets=None, is_training=True):
+        return forward(inputs, is_training, targets, soft_targets)
 
     return loss
 

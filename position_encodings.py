@@ -1,9 +1,26 @@
-"""How positions enter the model (transformer.py): rotary angles (exact at any position) and
-the fixed sinusoidal table. Learned position embeddings are a parameter of the Transformer."""
+"""How positions enter the model (transformer.py): learned embeddings or the fixed sinusoidal
+table added to the token embeddings (add), or rotary angles (exact at any position) that turn
+queries and keys."""
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+EMBED_INIT = hk.initializers.TruncatedNormal(0.02)  # token and learned position embeddings
+
+
+def add(x: jax.Array, positions: jax.Array, kind: str, max_seq_len: int) -> jax.Array:
+    """x [B, T, D] plus the encodings of `positions` [T]: "learned" (a parameter of the
+    calling module, "position_embed" [max_seq_len, D]) or "sinusoidal"; "rotary": x itself."""
+    D = x.shape[-1]
+    if kind == "learned":
+        return x + hk.get_parameter("position_embed", [max_seq_len, D],
+                                    init=EMBED_INIT)[positions]
+    if kind == "sinusoidal":
+        return x + jnp.asarray(sinusoidal(max_seq_len, D))[positions]
+    return x
 
 
 def rotary_angles(positions: jax.Array, key_size: int) -> tuple[jax.Array, jax.Array]:

@@ -74,10 +74,9 @@ def empty_cache(hp: transformer.HParams, batch_size: int) -> dict:
 def build_last_logits(hp: transformer.HParams, vocab_size: int) -> hk.Transformed:
     """apply(params, None, window [B, S]) -> the logits [B, V] after its last character: the
     head reads the last position only."""
-    def forward(window):
-        model = transformer.Transformer(hp, vocab_size)
-        return model.head(model.features(window, False)[0][:, -1])
-    return hk.transform(forward)
+    forward = transformer.forward_fn(hp, vocab_size,
+                                     output=lambda features, head: head(features[:, -1]))
+    return hk.transform(lambda window: forward(window, False))
 
 
 class ReadState(NamedTuple):

@@ -157,7 +157,7 @@ def set_up(config: Config, hparams: transformer.HParams, entered: float) -> Setu
     vocab = ckpt.vocab if ckpt else text.vocab
     compute_dtype, why = kernels.choose_compute_dtype(config.compute_dtype)
     weights = objectives.Weights(config.ahead_loss, config.distill_weight)
-    loss_fn = objectives.loss_fn(hparams, len(vocab), weights, kernels.Speed(compute_dtype))
+    loss_fn = objectives.loss_fn(hparams, len(vocab), weights, compute_dtype)
     loss = hk.transform(loss_fn)
     dummy = jnp.zeros((1, hparams.max_seq_len), jnp.int32)
     optimizer = make_optimizer(config, hidden_matrices(loss_fn, dummy, dummy))

@@ -2,27 +2,26 @@
 
 Shapes:  B batch  T query positions  S key positions  D d_model  H heads  K key size (D / H)
          F d_ff   V vocabulary size  N layers         W attention window
+Queries are [B, T, H, K], keys and values [B, S, H, K] (S = T, but for a sampler's cache).
 
-Read top to bottom: HParams, attention, the layer, the Transformer (features, head) and its
-two call forms: build(hp, V).apply(params, rng, tokens, is_training) -> logits (training,
-evaluation) and build_cached(hp, V).apply(params, None, tokens, cache, start) -> (logits,
-cache) (reader.py: an attention block's cache, kv_cache.py, keeps its keys and values). Also:
-position_encodings.py; objectives.py reads `features`; kernels.py (build's `speed`) runs the
-arithmetic fast without changing what is computed here.
+Read top to bottom: HParams; attention (what each query sees, `visible`, and the formula,
+`attention`); the layer; the Transformer (features, head); the builders, forward_fn and
+build(hp, V, compute_dtype).apply(params, rng, tokens, is_training) -> logits, and
+build_cached(hp, V) for sampling (reader.py drives it; kv_cache.py keeps keys and values).
+kernels.py runs the arithmetic fast without changing what is computed here.
 """
 
 import math
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import kernels
+import kv_cache
 import position_encodings
 from kernels import Linear
-from kv_cache import NO_POSITION, KeysValues
 
 
 class HParams(NamedTuple):
@@ -86,55 +85,35 @@ def is_streaming(hp: HParams) -> bool:
 
 
 def visible(query_positions: jax.Array, key_positions: jax.Array, window: int | None):
-    """[T, S]: whether each query sees each key: the key is at the query's position or
-    before it, and (with a window W) fewer than W positions before it."""
+    """The mask [T, S]: whether each query sees each key. A query sees the keys at its own
+    position and before it (causal) and, with a window W, fewer than W positions before it."""
     offset = query_positions[:, None] - key_positions[None, :]             # [T, S]
     return (offset >= 0) if window is None else (offset >= 0) & (offset < window)
 
 
-def attend(q: jax.Array, positions: jax.Array, blocks: Sequence[KeysValues],
-           window: int | None, dropout: float) -> jax.Array:
-    """Queries q [B, T, H, K] at `positions` [T] over the keys and values of every block (one,
-    or a cache's several), `dropout` on the weights -> [B, T, H, K]. The formula is
-    softmax_attention; XLA's fused kernel computes it where no weight is dropped; a long
-    windowed sequence goes in W-bands (kernels.in_bands: T * 2W scores, not T^2)."""
-    if len(blocks) > 1:  # a cache's blocks
-        return softmax_attention(q, positions, blocks, window, dropout)
-    block = blocks[0]
-    if window is not None and q.shape[1] > 2 * window:
-        band = lambda q, qp, k, v, kp: attend(q, qp, (KeysValues(k, v, kp),), window, dropout)
-        return kernels.in_bands(band, q, positions, *block, window, NO_POSITION,
-                                split_rng=dropout > 0)
-    if not dropout:
-        return kernels.fused_attention(q, block.k, block.v,
-                                       visible(positions, block.positions, window))
-    return softmax_attention(q, positions, blocks, window, dropout)
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+              dropout_rate: float = 0.0) -> jax.Array:
+    """Scaled dot-product attention: softmax(q k / sqrt(K)) v, each query over the keys the
+    mask [T, S] lets it see, with dropout on the weights at dropout_rate (training).
+    q [B, T, H, K], k and v [B, S, H, K] -> [B, T, H, K]."""
+    if dropout_rate == 0:
+        # Without dropout, XLA's fused kernel (jax.nn.dot_product_attention) computes the
+        # same formula without keeping the weights [B, H, T, S]: evaluation, sampling.
+        return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
+                                            mask=mask[None, None],
+                                            scale=1 / math.sqrt(q.shape[-1]))
+    weights = kernels.dropout(attention_weights(q, k, mask), dropout_rate,
+                              is_training=True)                            # [B, H, T, S]
+    return kernels.einsum("bhts,bshk->bthk", weights.astype(q.dtype),
+                          v.astype(q.dtype))                               # [B, T, H, K]
 
 
-def softmax_attention(q: jax.Array, positions: jax.Array, blocks: Sequence[KeysValues],
-                      window: int | None, dropout: float) -> jax.Array:
-    """softmax(q k / sqrt(K)) v, each query over the keys it sees (`visible`), with `dropout`
-    on the attention weights; the blocks' keys are scored together, as one sequence."""
-    weights = kernels.dropout(attention_weights(q, positions, blocks, window), dropout,
-                              dropout > 0)                                 # [B, H, T, S]
-    weights, *values = (x.astype(q.dtype) for x in (weights, *(b.v for b in blocks)))
-    splits = np.cumsum([v.shape[2] for v in values])[:-1]
-    first, *rest = [kernels.einsum("bhts,bhsk->bthk", w, v)               # [B, T, H, K]
-                    for w, v in zip(jnp.split(weights, splits, axis=-1), values)]
-    return sum(rest, first)
-
-
-def attention_weights(q: jax.Array, positions: jax.Array, blocks: Sequence[KeysValues],
-                      window: int | None) -> jax.Array:
-    """[B, H, T, S]: softmax(q k / sqrt(K)) of queries q [B, T, H, K] at `positions` over the
-    keys of every block, in order; 0 where a query does not see a key (`visible`). Each row
-    sums to one. Its matmuls' operands in q's dtype, accumulated and softmaxed in float32."""
-    masks = [visible(positions, b.positions, window) for b in blocks]       # [T, S] each
-    logits = jnp.concatenate([kernels.einsum("bthk,bhks->bhts", q, b.k.astype(q.dtype))
-                              for b in blocks], axis=-1)                   # [B, H, T, S]
-    logits = jnp.where(jnp.concatenate(masks, axis=1), logits / math.sqrt(q.shape[-1]),
-                       jnp.finfo(logits.dtype).min)
-    return jax.nn.softmax(logits)
+def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+    """[B, H, T, S]: softmax(q k / sqrt(K)) where the mask [T, S] lets a query see a key, 0
+    elsewhere; each row sums to one. The scores are accumulated and softmaxed in float32."""
+    scores = kernels.einsum("bthk,bshk->bhts", q, k.astype(q.dtype))      # [B, H, T, S]
+    scores = jnp.where(mask, scores / math.sqrt(q.shape[-1]), jnp.finfo(scores.dtype).min)
+    return jax.nn.softmax(scores)
 
 
 class Attention(hk.Module):
@@ -143,15 +122,17 @@ class Attention(hk.Module):
 
     def __init__(self, hp: HParams, name: str):
         super().__init__(name=name)
-        self.num_heads, self.key_size = hp.h, hp.d_model // hp.h
-        self.dropout, self.window, self.rotary = hp.dropout, hp.attention_window, (
-            hp.positions == "rotary")
+        self.num_heads = hp.h
+        self.key_size = hp.d_model // hp.h
+        self.dropout = hp.dropout
+        self.window = hp.attention_window
+        self.rotary = hp.positions == "rotary"
 
     @hk.experimental.name_like("__call__")  # its Linears keep their names (no "~project")
     def project(self, x, positions, memory=None):
-        """(queries [B, T, H, K], KeysValues) of x [B, T, D] (keys and values: of memory, if
-        given), rotated by position if rotary. A method of its own for visualize.py, which
-        reads what each block scores through hk.intercept_methods."""
+        """Queries, keys and values [B, T, H, K] of x [B, T, D] (keys and values: of memory,
+        if given), rotated by position if rotary. A method of its own for visualize.py,
+        which reads what each block scores through hk.intercept_methods."""
         B, T, _ = x.shape
         H, K = self.num_heads, self.key_size
         # Fused projections: one wide matmul runs faster than three narrow ones.
@@ -163,21 +144,31 @@ class Attention(hk.Module):
             kv = Linear(2 * H * K, name="key_value")(memory)             # [B, T, 2HK]
             k, v = jnp.split(kv.reshape(B, T, 2 * H, K), 2, axis=2)        # [B, T, H, K]
         if self.rotary:  # keys are cached rotated
-            angles = position_encodings.rotary_angles(positions, K)             # [T, K/2]
-            q, k = (position_encodings.rotate(x, *angles) for x in (q, k))
-        return q, KeysValues.of(k, v, positions)            # [B, H, K, T], [B, H, T, K]
+            cos, sin = position_encodings.rotary_angles(positions, K)          # [T, K/2]
+            q = position_encodings.rotate(q, cos, sin)
+            k = position_encodings.rotate(k, cos, sin)
+        return q, k, v
 
     def __call__(self, x, positions, is_training, cache=None, memory=None):
         """x [B, T, D] at `positions` [T] attends over itself (or memory, the encoder's
         output at the same positions) and what the cache holds -> (out [B, T, D], the cache
         updated: kv_cache.py; None without one)."""
         B, T, D = x.shape
-        q, new = self.project(x, positions, memory)
-        blocks = (new,)
-        if cache is not None:  # the cache keeps the new keys and values, says what to see
-            cache, blocks = cache.update(new)
-        out = attend(q, positions, blocks, self.window,
-                     self.dropout if is_training else 0.0)               # [B, T, H, K]
+        q, k, v = self.project(x, positions, memory)                      # [B, T, H, K]
+        rate = self.dropout if is_training else 0.0
+
+        def attend(q, k, v, query_positions, key_positions):
+            mask = visible(query_positions, key_positions, self.window)    # [T, S]
+            return attention(q, k, v, mask, rate)                          # [B, T, H, K]
+
+        if cache is not None:  # sampling: the cache keeps k, v and scores q over all it holds
+            cache, out = kv_cache.attend(cache, q, k, v, positions, lambda key_positions:
+                                         visible(positions, key_positions, self.window))
+        elif self.window is not None and T > 2 * self.window:
+            # A long text (eval's whole split) in W-bands: T * 2W scores instead of T^2.
+            out = kernels.in_bands(attend, q, k, v, positions, self.window, rate > 0)
+        else:
+            out = attend(q, k, v, positions, positions)
         out = Linear(D, name="out")(out.reshape(B, T, D))               # [B, T, D]
         return kernels.dropout(out, self.dropout, is_training), cache
 
@@ -206,11 +197,13 @@ class Layer(hk.Module):
 
     def __init__(self, hp: HParams, name: str, drop_rate: float = 0.0):
         super().__init__(name=name)
-        self.hp, self.drop_rate = hp, drop_rate
+        self.hp = hp
+        self.drop_rate = drop_rate
 
     def __call__(self, x, positions, is_training, memory=None, cache=None):
         """x [B, T, D] -> ([B, T, D], cache: {"self": ..., "cross": ...} or None)."""
-        cache, new_cache = cache or {}, {}
+        cache = cache or {}
+        new_cache = {}
         branch = lambda out: drop_branch(out, self.drop_rate, is_training)
         out, new_cache["self"] = Attention(self.hp, "self_attention")(
             layer_norm("ln_self")(x), positions, is_training, cache.get("self"))
@@ -228,11 +221,8 @@ class Transformer(hk.Module):
 
     def __init__(self, hp: HParams, vocab_size: int, name: str = "transformer"):
         super().__init__(name=name)
-        self.hp, self.vocab_size = validate(hp), vocab_size
-
-    def __call__(self, tokens: jax.Array, is_training: bool) -> jax.Array:
-        """tokens [B, T] at positions 0..T-1 -> logits [B, T, V]."""
-        return self.head(self.features(tokens, is_training)[0])
+        self.hp = validate(hp)
+        self.vocab_size = vocab_size
 
     @hk.experimental.name_like("__call__")
     def head(self, x: jax.Array) -> jax.Array:
@@ -250,18 +240,15 @@ class Transformer(hk.Module):
             raise ValueError(f"positions {start}..{start + T - 1} exceed HParams.max_seq_len="
                              f"{hp.max_seq_len} (sequence length T={T}).")
         positions = start + jnp.arange(T)                                   # [T]
-        embed_init = hk.initializers.TruncatedNormal(0.02)
-        x = hk.Embed(self.vocab_size, hp.d_model, w_init=embed_init,
+        x = hk.Embed(self.vocab_size, hp.d_model, w_init=position_encodings.EMBED_INIT,
                      name="token_embed")(tokens)                            # [B, T, D]
-        if hp.positions == "learned":
-            x += hk.get_parameter("position_embed", [hp.max_seq_len, hp.d_model],
-                                  init=embed_init)[positions]
-        elif hp.positions == "sinusoidal":
-            x += jnp.asarray(position_encodings.sinusoidal(hp.max_seq_len,
-                                                           hp.d_model))[positions]
+        # Learned or sinusoidal positions are added here; rotary ones turn q and k (project).
+        x = position_encodings.add(x, positions, hp.positions, hp.max_seq_len)
         x = kernels.dropout(x, hp.dropout, is_training)                     # [B, T, D]
         layer = lambda kind, i, n: Layer(hp, f"{kind}_{i}", hp.stochastic_depth * (i + 1) / n)
-        new_cache, memories, h = {}, [], x  # encoder layer i feeds decoder layer i
+        new_cache = {}
+        memories = []  # encoder layer i feeds decoder layer i
+        h = x
         for i in range(hp.encoder_N if hp.use_encoder else 0):
             h, new_cache[f"encoder_{i}"] = layer("encoder", i, hp.encoder_N)(
                 h, positions, is_training, cache=cache and cache[f"encoder_{i}"])
@@ -273,29 +260,46 @@ class Transformer(hk.Module):
         return layer_norm("ln_final")(x), new_cache
 
 
-def build(hp: HParams, vocab_size: int, speed=kernels.Speed()) -> hk.Transformed:
-    """apply(params, rng, tokens [B, T] int32, is_training) -> logits [B, T, V] float32,
-    computed as `speed` says (kernels.Speed: bfloat16 matmuls, for training)."""
+def forward_fn(hp: HParams, vocab_size: int, compute_dtype: str = "float32",
+               output: Callable | None = None) -> Callable:
+    """The model as a function for hk.transform: (tokens [B, T] int32, is_training, *args)
+    -> logits [B, T, V] float32; or, given `output`, output(features [B, T, D], head, *args):
+    the hook by which training objectives (objectives.py) add their heads and losses in the
+    same transform, and the reader computes the last position's logits alone.
+
+    Precision is Haiku's mixed-precision policy, set here: every Linear casts its input and
+    params to compute_dtype ("bfloat16" for training where it runs natively) and returns
+    that dtype, accumulating in float32 (kernels.matmul); the head returns float32 logits;
+    params, LayerNorm, softmax and the residual stream stay float32."""
     validate(hp)
+    output = output or (lambda features, head: head(features))
 
-    def forward(tokens, is_training):
-        with kernels.running(speed):
-            return Transformer(hp, vocab_size)(tokens, is_training)
+    def forward(tokens, is_training, *args):
+        with kernels.precision(compute_dtype):
+            model = Transformer(hp, vocab_size)
+            features, _ = model.features(tokens, is_training)
+            return output(features, model.head, *args)
 
-    return hk.transform(forward)
+    return forward
+
+
+def build(hp: HParams, vocab_size: int, compute_dtype: str = "float32") -> hk.Transformed:
+    """apply(params, rng, tokens [B, T] int32, is_training) -> logits [B, T, V] float32: what
+    training, evaluation and the learner's page compute (forward_fn)."""
+    return hk.transform(forward_fn(hp, vocab_size, compute_dtype))
 
 
 def build_cached(hp: HParams, vocab_size: int) -> hk.Transformed:
     """apply(params, None, tokens [B, T], cache, start) -> (logits [B, T, V], cache), for
-    inference: tokens at positions start.., after those the cache ({layer: {block: cache}},
-    kv_cache.init_cache) holds. A traced `start` is unchecked: the caller keeps start + T <=
-    max_seq_len. params: with kernels.add_transposed_weights (a single row reads them)."""
+    sampling: tokens at positions start.., after those the cache ({layer: {block: cache}},
+    kv_cache.init_cache) holds, in float32. A traced `start` is unchecked: the caller keeps
+    start + T <= max_seq_len. Given params with kernels.add_transposed_weights, a single
+    row reads the transposed copies (kernels.Linear)."""
     validate(hp)
 
     def forward(tokens, cache, start):
-        with kernels.running(kernels.Speed(transposed_weights=True)):
-            model = Transformer(hp, vocab_size)
-            x, cache = model.features(tokens, False, cache, start)
-            return model.head(x), cache
+        model = Transformer(hp, vocab_size)
+        features, cache = model.features(tokens, False, cache, start)
+        return model.head(features), cache
 
     return hk.transform(forward)

@@ -130,15 +130,15 @@ def attention_maps(ckpt: checkpoint.Checkpoint, ids: np.ndarray,
 
         def read_projections(next_method, args, kwargs, context):
             out = next_method(*args, **kwargs)
-            if context.method_name == "project":
-                scored[context.module.module_name] = out
+            if context.method_name == "project":  # (q, k, v), at the positions args[1]
+                scored[context.module.module_name] = (*out[:2], args[1])
             return out
 
         with hk.intercept_methods(read_projections):
-            transformer.Transformer(hp, len(ckpt.vocab))(tokens, False)
-        return {name: transformer.attention_weights(q[:, first:], keys.positions[first:],
-                                                    (keys,), hp.attention_window)[0]
-                for name, (q, keys) in scored.items()}
+            transformer.forward_fn(hp, len(ckpt.vocab))(tokens, False)
+        return {name: transformer.attention_weights(q[:, first:], k, transformer.visible(
+                    positions[first:], positions, hp.attention_window))[0]
+                for name, (q, k, positions) in scored.items()}
 
     maps = jax.jit(hk.transform(forward).apply)(ckpt.params, None, jnp.asarray(ids)[None])
     return {name.removeprefix("transformer/"): np.asarray(w) for name, w in maps.items()}

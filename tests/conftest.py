@@ -92,11 +92,9 @@ def within(timeout: float, read, *args):
 def tiny_loss(hp=TINY, vocab_size: int = 88, ahead_loss: float = 0.0,
               compute_dtype: str = "float32"):
     """objectives.loss_fn of a tiny model: the function train.py transforms and steps."""
-    import kernels
     import objectives
 
-    return objectives.loss_fn(hp, vocab_size, objectives.Weights(ahead_loss),
-                              kernels.Speed(compute_dtype))
+    return objectives.loss_fn(hp, vocab_size, objectives.Weights(ahead_loss), compute_dtype)
 
 
 def make_optimizer(config, loss=None, hidden=None):

@@ -45,12 +45,10 @@ def test_low_precision_gradients_match_float32(spec, shape_a, shape_b):
 
 def test_single_rows_read_the_transposed_copy_and_compute_the_same():
     """add_transposed_weights adds w_t = w.T to the Linears with more inputs than outputs.
-    Under Speed.transposed_weights a single row reads w_t (zeroing it leaves the bias),
-    several rows read w, and either way the output is x @ w + b; a missing w_t is a clear
-    error."""
+    Given it, a single row reads w_t (zeroing it leaves the bias), several rows read w, and
+    either way the output is x @ w + b; params without it read w."""
     def linear(x, output_size):
-        with kernels.running(kernels.Speed(transposed_weights=True)):
-            return kernels.Linear(output_size, name="linear")(x)
+        return kernels.Linear(output_size, name="linear")(x)
 
     wide, narrow = (hk.without_apply_rng(hk.transform(functools.partial(linear,
                                                                         output_size=size)))
@@ -72,23 +70,28 @@ def test_single_rows_read_the_transposed_copy_and_compute_the_same():
             np.testing.assert_allclose(model.apply(zeroed, x[:1]), b[None])  # read w_t
             np.testing.assert_allclose(model.apply(zeroed, x), x @ w + b, rtol=1e-5,
                                        atol=1e-5)                          # read w
-            with pytest.raises(ValueError, match="add_transposed_weights"):
-                model.apply(params, x[:1])
+            np.testing.assert_allclose(model.apply(params, x[:1]), x[:1] @ w + b, rtol=1e-5,
+                                       atol=1e-5)
 
 
-def test_fused_attention_is_masked_softmax_attention():
-    """fused_attention(q, k [B, H, K, S], v [B, H, S, K], mask) = softmax(q k / sqrt(K),
-    masked) v, computed here with numpy."""
+def test_attention_is_masked_softmax_attention():
+    """transformer.attention(q, k, v, mask) without dropout (XLA's fused kernel) is
+    softmax(q k / sqrt(K), masked) v, and attention_weights its weights, computed here with
+    numpy (dropout's path: tests/test_transformer.py)."""
+    import transformer
+
     B, T, S, H, K = 2, 3, 5, 2, 4
     q, k, v = (np.asarray(jax.random.normal(jax.random.PRNGKey(i), shape))
-               for i, shape in enumerate([(B, T, H, K), (B, H, K, S), (B, H, S, K)]))
+               for i, shape in enumerate([(B, T, H, K), (B, S, H, K), (B, S, H, K)]))
     mask = np.arange(S)[None, :] <= np.array([1, 3, 4])[:, None]              # [T, S]
-    logits = np.einsum("bthk,bhks->bhts", q, k) / np.sqrt(K)
+    logits = np.einsum("bthk,bshk->bhts", q, k) / np.sqrt(K)
     logits = np.where(mask, logits, -np.inf)
     weights = np.exp(logits - logits.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
-    expected = np.einsum("bhts,bhsk->bthk", weights, v)
-    np.testing.assert_allclose(kernels.fused_attention(q, k, v, mask), expected, rtol=1e-5,
+    np.testing.assert_allclose(transformer.attention_weights(q, k, mask), weights, rtol=1e-5,
+                               atol=1e-6)
+    expected = np.einsum("bhts,bshk->bthk", weights, v)
+    np.testing.assert_allclose(transformer.attention(q, k, v, mask), expected, rtol=1e-5,
                                atol=1e-5)
 
 

@@ -176,7 +176,8 @@ def test_loss_is_next_plus_weighted_after_next_by_hand_and_logs_the_next_alone()
     params = loss.init(jax.random.PRNGKey(0), inputs, targets, None, False)
     assert set(params) - set(objectives.model_params(params)) == {objectives.AFTER_NEXT}
     objective, next_loss = loss.apply(params, None, inputs, targets, None, False)
-    features = hk.transform(lambda t: transformer.Transformer(hp, V).features(t, False)[0])
+    features = hk.transform(lambda t: transformer.forward_fn(
+        hp, V, output=lambda features, head: features)(t, False))
     x = features.apply(params, None, inputs)                                   # [B, T, D]
     head = params[objectives.AFTER_NEXT]
     after = x @ head["w"] + head["b"]
@@ -203,7 +204,8 @@ def test_training_moves_the_after_next_head_toward_the_character_after_next():
     step = train_step.make_train_step(loss, optimizer, 8, hp.max_seq_len)
     for _ in range(60):
         state, _ = step(state, train_ids)
-    features = hk.transform(lambda t: transformer.Transformer(hp, V).features(t, False)[0])
+    features = hk.transform(lambda t: transformer.forward_fn(
+        hp, V, output=lambda features, head: features)(t, False))
     inputs = train_ids[None, :hp.max_seq_len]
     head = state.params[objectives.AFTER_NEXT]
     after = features.apply(state.params, None, inputs) @ head["w"] + head["b"]

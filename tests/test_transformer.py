@@ -309,7 +309,7 @@ def test_bfloat16_compute_keeps_float32_params_and_matches_float32_loss(changes,
     targets = random_tokens(21, hp.max_seq_len, batch_size)
 
     def loss_and_grads(compute_dtype):
-        model = transformer.build(hp, VOCAB, kernels.Speed(compute_dtype))
+        model = transformer.build(hp, VOCAB, compute_dtype)
         assert jax.tree.map(jnp.shape, param_shapes(hp)) == jax.tree.map(
             jnp.shape, jax.eval_shape(functools.partial(model.init, is_training=False),
                                       jax.random.PRNGKey(0), tokens))
@@ -329,7 +329,7 @@ def test_bfloat16_compute_keeps_float32_params_and_matches_float32_loss(changes,
     assert cosine > 0.99, cosine
     # The other Linears return bfloat16; the logits keep float32's precision: few of them
     # are bfloat16 numbers.
-    model = transformer.build(hp, VOCAB, kernels.Speed("bfloat16"))
+    model = transformer.build(hp, VOCAB, "bfloat16")
     logits = jax.jit(model.apply, static_argnums=3)(
         params, None, tokens, False)
     assert np.mean(np.asarray(logits == logits.astype(jnp.bfloat16).astype(jnp.float32))) < 0.5
@@ -625,10 +625,12 @@ def test_attention_dropout_acts_in_every_band_of_the_banded_pass():
     k = jax.random.normal(keys[1], (1, T, H, K))
     v = jax.random.normal(keys[2], (1, T, H, K))
     positions = jnp.arange(T)
-    block = transformer.KeysValues.of(k, v, positions)
 
     def core(is_training):
-        return transformer.attend(q, positions, (block,), W, 0.5 if is_training else 0.0)
+        def attend(q, k, v, query_positions, key_positions):
+            mask = transformer.visible(query_positions, key_positions, W)
+            return transformer.attention(q, k, v, mask, 0.5 if is_training else 0.0)
+        return kernels.in_bands(attend, q, k, v, positions, W, split_rng=is_training)
 
     apply = hk.transform(core).apply
     plain = apply({}, None, False)

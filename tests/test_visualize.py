@@ -126,13 +126,13 @@ def test_attention_maps_are_the_weights_the_model_attends_with(streaming_run):
             return out
 
         with hk.intercept_methods(record):
-            transformer.Transformer(hp, len(ckpt.vocab))(tokens, False)
+            transformer.forward_fn(hp, len(ckpt.vocab))(tokens, False)
         return seen
 
     seen = hk.transform(forward).apply(ckpt.params, None, jnp.asarray(ids)[None])
     for name, calls in seen.items():
-        values = calls["project"][1].v                                    # [1, H, S, K]
-        attended = np.einsum("hts,hsk->thk", maps[name.removeprefix("transformer/")],
+        values = calls["project"][2]                                      # [1, S, H, K]
+        attended = np.einsum("hts,shk->thk", maps[name.removeprefix("transformer/")],
                              np.asarray(values[0]))                      # [T, H, K]
         w = ckpt.params[f"{name}/out"]
         projected = attended.reshape(len(ids), -1) @ w["w"] + w["b"]
