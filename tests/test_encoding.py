@@ -64,6 +64,7 @@ def test_a_large_vocabulary_reads_as_uint16_with_a_hint_to_bound_it(tmp_path):
 
 def test_a_large_text_keeps_its_encoding_beside_it_never_stale(tmp_path, monkeypatch):
     monkeypatch.setattr(encoding, "CACHE_MIN_BYTES", 1)
+    monkeypatch.setattr(encoding, "PIECE_BYTES", 16)  # read in pieces, as a large text is
     path = write(tmp_path, TRICKY)
     first = encoding.load(path)
     caches = glob.glob(str(tmp_path / ".text.txt.*.ids.npz"))
@@ -75,8 +76,12 @@ def test_a_large_text_keeps_its_encoding_beside_it_never_stale(tmp_path, monkeyp
     np.testing.assert_array_equal(again.ids, first.ids)
     monkeypatch.undo()
     monkeypatch.setattr(encoding, "CACHE_MIN_BYTES", 1)
-    # An edited text (same length) is read anew, and its old cache removed.
-    write(tmp_path, TRICKY.replace("Mancha", "Manxha"))
+    monkeypatch.setattr(encoding, "PIECE_BYTES", 16)
+    # An edited text (same length) is read anew, and its old cache removed, wherever the
+    # edit is: here past the first of the pieces the text is read in.
+    at = TRICKY.rindex("Mancha")
+    assert len(TRICKY[:at].encode()) > 2 * encoding.PIECE_BYTES
+    write(tmp_path, TRICKY[:at] + "Manxha" + TRICKY[at + len("Mancha"):])
     edited = encoding.load(path)
     assert "x" in edited.vocab and "x" not in first.vocab
     assert len(glob.glob(str(tmp_path / ".text.txt.*.ids.npz"))) == 1
@@ -89,11 +94,12 @@ def test_a_small_text_writes_no_cache(tmp_path):
 
 
 def test_a_bounded_vocabulary_reads_rare_characters_as_the_unknown_symbol(tmp_path):
-    path = write(tmp_path, "abababab" * 10 + "xyz")
-    text = encoding.load(path, min_count=2)
+    path = write(tmp_path, "abababab" * 10 + "xxyyz")
+    text = encoding.load(path, min_count=3)
     assert text.vocab == "ab" + data.UNKNOWN
-    assert "".join(text.vocab[i] for i in text.ids) == "abababab" * 10 + data.UNKNOWN * 3
-    assert text.note == (f"3 characters: the 3 seen fewer than 2 times ({3 / 83:.3%} of the "
+    assert "".join(text.vocab[i] for i in text.ids) == "abababab" * 10 + data.UNKNOWN * 5
+    # The share of the text: the dropped characters' 5 occurrences, not their 3 kinds.
+    assert text.note == (f"3 characters: the 3 seen fewer than 3 times ({5 / 85:.3%} of the "
                          f"text) read as '{data.UNKNOWN}' (U+FFFD)")
     assert encoding.load(path, min_count=1).vocab == "abxyz"  # the default keeps them all
 

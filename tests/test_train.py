@@ -679,6 +679,22 @@ def test_shuffled_passes_visit_every_window_once_per_pass():
     assert first != second  # each pass its own order (and offset)
 
 
+def test_shuffled_passes_leave_out_other_windows_each_pass():
+    """A pass holds 99 windows, 24 batches of 4: the 3 it leaves out are other ones in each
+    pass, so that over passes every window of the text is trained on."""
+    key, B, T = jax.random.PRNGKey(0), 4, 10
+    per_pass = data.windows_per_pass(1000, T)
+    batches = per_pass // B
+    assert per_pass % B == 3
+    steps = jax.numpy.arange(12 * batches)
+    starts = np.asarray(jax.jit(jax.vmap(
+        lambda step: data.shuffled_starts(key, step, 1000, B, T)))(steps))    # [steps, B]
+    seen = set()
+    for one_pass in starts.reshape(12, batches * B):
+        seen |= set((one_pass - one_pass[0] % T) // T)  # the windows, by index in the pass
+    assert seen == set(range(per_pass))
+
+
 def test_muon_wsd_and_shuffled_passes_train(tmp_path):
     """The other choices of the recipe train the tiny model as well as the defaults' run:
     both losses 0.2 nats/char or more below the unigram entropy of the training text."""
