@@ -185,16 +185,16 @@ def resolve(argv, config, hparams) -> tuple:
         saved = {k: v for k, v in saved.items() if k in config._fields}
         config, hparams = parse_overrides(argv, config._replace(**saved), ckpt.hparams)
         return config, hparams, f"preset: the resumed run's, as saved in {requested.resume}"
-    name = requested.preset or ("minutes" if requested.minutes else "none")
-    if name == "none":
-        return (*parse_overrides(argv, config, hparams),
-                "preset: none (CONFIG in train.py and HPARAMS in transformer.py as written)")
-    if name == "minutes":
+    name = requested.preset
+    if not name and requested.minutes:  # --minutes alone: its budget's recipe
         minutes = budget_minutes(requested.minutes)
         recipe, name = BUDGETS[minutes].recipe, f"minutes{minutes}"
         why = (f"--minutes={requested.minutes:g}: the {minutes}-minute recipe of "
                "docs/results.md, \"Budgets\"; --preset=none trains CONFIG and HPARAMS as "
                f"written for {requested.minutes:g} minutes instead")
+    elif name in ("", "none"):
+        return (*parse_overrides(argv, config, hparams),
+                "preset: none (CONFIG in train.py and HPARAMS in transformer.py as written)")
     elif name in PRESETS:
         recipe, why = PRESETS[name], f"--preset={name}"
     else:
