@@ -158,7 +158,8 @@ def _devices(stderr: str) -> int:
 
 def test_one_cpu_host_splits_an_adamw_batch_over_its_cores(tmp_path):
     """Without XLA_FLAGS train.py makes a device per core: an AdamW run splits its batch over
-    as many as divide it, a Muon run keeps one, --cpu_devices picks, and too many exit 2."""
+    as many as divide it and the evaluation's batch (an odd one: a single device), a Muon
+    run keeps one, --cpu_devices picks, and too many exit 2."""
     from conftest import CORPUS, TINY
 
     cores = len(os.sched_getaffinity(0))
@@ -169,7 +170,8 @@ def test_one_cpu_host_splits_an_adamw_batch_over_its_cores(tmp_path):
               *(f"--{k}={v}" for k, v in TINY._asdict().items())]
     per_core = max(n for n in (1, 2, 4, 8) if n <= cores)  # as many as divide the batches
     for options, expected in ((["--optimizer=adamw"], per_core), (["--optimizer=muon"], 1),
-                              (["--optimizer=adamw", "--cpu_devices=1"], 1)):
+                              (["--optimizer=adamw", "--cpu_devices=1"], 1),
+                              (["--optimizer=adamw", "--eval_batch_size=3"], 1)):
         result = run_script(*common, *options, env=env)
         assert result.returncode == 0, result.stderr[-2000:]
         assert _devices(result.stderr) == expected, options

@@ -795,18 +795,23 @@ def test_every_evaluation_line_reports_the_speed_of_the_steps_before_it(tmp_path
 def test_evaluation_reads_a_fixed_evenly_spread_sample_past_eval_chars(tmp_path, capsys):
     """A validation split longer than eval_chars: evaluation reads eval_chars // T of its
     windows, spread evenly from its first to its last, the same each time, and as many
-    training windows; the run says so. Cervantes' and Tiny Shakespeare's splits are read
+    training windows spread over the training split; the run says so. Cervantes' and Tiny Shakespeare's splits are read
     whole at the default."""
     ids = np.asarray(data.encode(data.read_text(CORPUS), data.build_vocab(
         data.read_text(CORPUS))))
     T = TINY.max_seq_len
-    whole_train, whole_val = metrics.split_windows(ids, T)
+    _, whole_val = metrics.split_windows(ids, T)
     train_part, val = metrics.split_windows(ids, T, max_chars=10 * T)
     assert len(val.inputs) == len(train_part.inputs) == 10
     picked = [int(np.flatnonzero((whole_val.inputs == row).all(1))[0]) for row in val.inputs]
     assert picked[0] == 0 and picked[-1] == len(whole_val.inputs) - 1
     gaps = np.diff(picked)
     assert gaps.max() - gaps.min() <= 1  # evenly spread
+    # As many training windows, spread over the whole training split too.
+    every_train = data.eval_windows(data.split(ids)[0], T).inputs
+    picked = [int(np.flatnonzero((every_train == row).all(1))[0]) for row in train_part.inputs]
+    assert picked[0] == 0 and picked[-1] > 0.8 * len(every_train)
+    assert len(set(np.diff(picked))) == 1
     again = metrics.split_windows(ids, T, max_chars=10 * T)[1]
     np.testing.assert_array_equal(again.inputs, val.inputs)
     for text in (ids, encoding.load(SHAKESPEARE).ids):  # both read whole at the default
