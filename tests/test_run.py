@@ -30,13 +30,14 @@ def _params(value):
 
 def test_record_keeps_the_history_and_says_which_evaluation_is_the_best(tmp_path):
     run = _run(tmp_path)
-    assert [run.record(step, 2.0, val) for step, val in ((10, 1.5), (20, 1.2), (30, 1.3))] == [
-        True, True, False]
+    # A tie is no improvement: the best file keeps the earlier params.
+    assert [run.record(step, 2.0, val) for step, val in (
+        (10, 1.5), (20, 1.2), (30, 1.3), (40, 1.2))] == [True, True, False, False]
     history = run.meta["history"]
-    assert history["step"] == [10, 20, 30] and history["val_loss"] == [1.5, 1.2, 1.3]
+    assert history["step"] == [10, 20, 30, 40] and history["val_loss"] == [1.5, 1.2, 1.3, 1.2]
     assert all(5.0 <= s < 60 for s in history["wall_s"])  # since the run's start
     assert (run.meta["min_val_loss"], run.meta["min_val_step"]) == (1.2, 20)
-    assert (run.meta["val_loss"], run.meta["eval_step"]) == (1.3, 30)
+    assert (run.meta["val_loss"], run.meta["eval_step"]) == (1.2, 40)
     assert run.meta["run_hash"] == run.hash and run.meta["config"]["max_iters"] == 40
 
 
