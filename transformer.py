@@ -4,11 +4,10 @@ Shapes:  B batch  T query positions  S key positions  D d_model  H heads  K key 
          F d_ff   V vocabulary size  N layers         W attention window
 Queries are [B, T, H, K], keys and values [B, S, H, K] (S = T, but for a sampler's cache).
 
-Read top to bottom: HParams; attention (what each query sees, `visible`, and the formula,
-`attention`); the layer; the Transformer (features, head); the builders, forward_fn and
-build(hp, V, compute_dtype).apply(params, rng, tokens, is_training) -> logits, and
-build_cached(hp, V) for sampling (reader.py drives it; kv_cache.py keeps keys and values).
-kernels.py runs the arithmetic fast without changing what is computed here.
+Read top to bottom: HParams; what each query sees (`visible`) and the formula (`attention`);
+the layer; the Transformer (features, head); the builders: forward_fn, build (apply(params,
+rng, tokens, is_training) -> logits) and build_cached for sampling (reader.py drives it,
+kv_cache.py keeps keys and values). kernels.py runs the arithmetic fast, computing the same.
 """
 
 import math
@@ -122,11 +121,7 @@ class Attention(hk.Module):
 
     def __init__(self, hp: HParams, name: str):
         super().__init__(name=name)
-        self.num_heads = hp.h
-        self.key_size = hp.d_model // hp.h
-        self.dropout = hp.dropout
-        self.window = hp.attention_window
-        self.rotary = hp.positions == "rotary"
+        self.hp = hp
 
     @hk.experimental.name_like("__call__")  # its Linears keep their names (no "~project")
     def project(self, x, positions, memory=None):
@@ -134,7 +129,7 @@ class Attention(hk.Module):
         if given), rotated by position if rotary. A method of its own for visualize.py,
         which reads what each block scores through hk.intercept_methods."""
         B, T, _ = x.shape
-        H, K = self.num_heads, self.key_size
+        H, K = self.hp.h, self.hp.d_model // self.hp.h
         # Fused projections: one wide matmul runs faster than three narrow ones.
         if memory is None:
             qkv = Linear(3 * H * K, name="query_key_value")(x)          # [B, T, 3HK]
@@ -143,7 +138,7 @@ class Attention(hk.Module):
             q = Linear(H * K, name="query")(x).reshape(B, T, H, K)      # [B, T, H, K]
             kv = Linear(2 * H * K, name="key_value")(memory)             # [B, T, 2HK]
             k, v = jnp.split(kv.reshape(B, T, 2 * H, K), 2, axis=2)        # [B, T, H, K]
-        if self.rotary:  # keys are cached rotated
+        if self.hp.positions == "rotary":  # keys are cached rotated
             cos, sin = position_encodings.rotary_angles(positions, K)          # [T, K/2]
             q = position_encodings.rotate(q, cos, sin)
             k = position_encodings.rotate(k, cos, sin)
@@ -154,23 +149,24 @@ class Attention(hk.Module):
         output at the same positions) and what the cache holds -> (out [B, T, D], the cache
         updated: kv_cache.py; None without one)."""
         B, T, D = x.shape
+        W = self.hp.attention_window
         q, k, v = self.project(x, positions, memory)                      # [B, T, H, K]
-        rate = self.dropout if is_training else 0.0
+        rate = self.hp.dropout if is_training else 0.0
 
         def attend(q, k, v, query_positions, key_positions):
-            mask = visible(query_positions, key_positions, self.window)    # [T, S]
+            mask = visible(query_positions, key_positions, W)              # [T, S]
             return attention(q, k, v, mask, rate)                          # [B, T, H, K]
 
         if cache is not None:  # sampling: the cache keeps k, v and scores q over all it holds
-            cache, out = kv_cache.attend(cache, q, k, v, positions, lambda key_positions:
-                                         visible(positions, key_positions, self.window))
-        elif self.window is not None and T > 2 * self.window:
+            cache, out = kv_cache.attend(cache, q, k, v, positions,
+                                         lambda key_positions: visible(positions, key_positions, W))
+        elif W is not None and T > 2 * W:
             # A long text (eval's whole split) in W-bands: T * 2W scores instead of T^2.
-            out = kernels.in_bands(attend, q, k, v, positions, self.window, rate > 0)
+            out = kernels.in_bands(attend, q, k, v, positions, W, rate > 0)
         else:
             out = attend(q, k, v, positions, positions)
         out = Linear(D, name="out")(out.reshape(B, T, D))               # [B, T, D]
-        return kernels.dropout(out, self.dropout, is_training), cache
+        return kernels.dropout(out, self.hp.dropout, is_training), cache
 
 
 def layer_norm(name: str) -> hk.LayerNorm:
@@ -294,8 +290,7 @@ def build_cached(hp: HParams, vocab_size: int) -> hk.Transformed:
     sampling: tokens at positions start.., after those the cache ({layer: {block: cache}},
     kv_cache.init_cache) holds, in float32. A traced `start` is unchecked: the caller keeps
     start + T <= max_seq_len. Given params with kernels.add_transposed_weights, a single
-    row reads the transposed copies (kernels.Linear)."""
-    validate(hp)
+    row reads the transposed copies (kernels.Linear). HParams are checked by Transformer."""
 
     def forward(tokens, cache, start):
         model = Transformer(hp, vocab_size)
