@@ -75,6 +75,29 @@ def run_script(*args, timeout=300, **kwargs):
                           timeout=timeout, **kwargs)
 
 
+def run_command(capsys, script: str, *args: str) -> tuple[int, str, str]:
+    """`python <script> args...` in this process, as its `__main__` block runs it (the
+    module's main under common.run_main): (exit status, stdout, stderr). What needs a fresh
+    process (a signal, a device split, start-up itself) runs through run_script, as does
+    each script at least once."""
+    import importlib
+
+    import common
+
+    module = importlib.import_module(script.removesuffix(".py"))
+    capsys.readouterr()
+    argv, sys.argv = sys.argv, [script, *args]
+    try:
+        common.run_main(module.main)
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    finally:
+        sys.argv = argv
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
 def within(timeout: float, read, *args):
     """read(*args) (a blocking read of a child's pipe), failing the test after `timeout`
     seconds instead of hanging it; the caller kills the child."""

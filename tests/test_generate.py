@@ -12,7 +12,7 @@ import generate
 import transformer
 import reader
 import sampling
-from conftest import TINY, run_script, within
+from conftest import TINY, run_command, run_script, within
 
 VOCAB_SIZE = 12
 
@@ -21,12 +21,14 @@ def reference_sample(params, hp, context_ids, key, num_chars, temperature=1.0, t
                      num_samples=1, top_p=None, min_p=None):
     """The plain sampler: a full forward pass over the last max_seq_len ids per character, for
     num_samples streams side by side (character i of every stream drawn with fold_in(key, i)).
-    -> [num_samples, num_chars] ids."""
+    -> [num_samples, num_chars] ids. A window shorter than max_seq_len is padded after its
+    end, which a causal model's last position does not see: one compiled shape."""
     apply = jax.jit(transformer.build(hp, VOCAB_SIZE).apply, static_argnums=3)
     ids = np.tile(np.asarray(context_ids, np.int32), (num_samples, 1))       # [B, T]
     for i in range(num_chars):
-        window = jnp.asarray(ids[:, -hp.max_seq_len:])                        # [B, <= S]
-        logits = apply(params, None, window, False)[:, -1]                    # [B, V]
+        window = ids[:, -hp.max_seq_len:]                                     # [B, <= S]
+        padded = np.pad(window, ((0, 0), (0, hp.max_seq_len - window.shape[1])))  # [B, S]
+        logits = apply(params, None, jnp.asarray(padded), False)[:, window.shape[1] - 1]
         token = sampling.sample_logits(jax.random.fold_in(key, i), logits, temperature, top_k,
                                        top_p, min_p)
         ids = np.concatenate([ids, np.asarray(token)[:, None]], axis=1)
@@ -127,30 +129,27 @@ def test_chunked_sampling_equals_reference_through_chunks_steps_and_a_full_windo
 
 # End to end through the script, with a tiny trained params file.
 
-def test_generate_prints_context_then_seeded_sample(tiny_run, tmp_path):
+def test_generate_prints_context_then_seeded_sample(tiny_run, tmp_path, capsys):
     context = tmp_path / "context.txt"
     context.write_text("En un lugar", encoding="utf-8")
-    args = ["generate.py", f"--params={tiny_run['best']}", f"--context_file={context}",
-            "--num_chars=50", "--prng_seed=5"]
-    first, second = run_script(*args), run_script(*args)
-    assert first.returncode == 0, first.stderr
-    assert first.stdout == second.stdout
-    assert first.stdout.startswith("En un lugar") and len(first.stdout) == 11 + 50 + 1
-    assert "seed 5" in first.stderr and "params" in first.stderr
-    other = run_script(*args[:-1], "--prng_seed=6")
-    assert other.stdout != first.stdout
-    inline = run_script("generate.py", f"--params={tiny_run['best']}", "--context=En un lugar",
-                        "--num_chars=50", "--prng_seed=5")
-    assert inline.returncode == 0 and inline.stdout == first.stdout
+    generate = lambda *args: run_command(capsys, "generate.py", f"--params={tiny_run['best']}",
+                                         *args)
+    args = [f"--context_file={context}", "--num_chars=50", "--prng_seed=5"]
+    (status, first, err), (_, second, _) = generate(*args), generate(*args)
+    assert status == 0, err
+    assert first == second
+    assert first.startswith("En un lugar") and len(first) == 11 + 50 + 1
+    assert "seed 5" in err and "params" in err
+    assert generate(*args[:-1], "--prng_seed=6")[1] != first
+    assert generate("--context=En un lugar", "--num_chars=50", "--prng_seed=5") == (0, first, err)
 
     empty = tmp_path / "empty.txt"
     empty.write_text("", encoding="utf-8")
-    result = run_script("generate.py", f"--params={tiny_run['best']}",
-                        f"--context_file={empty}", "--num_chars=5", "--prng_seed=1")
-    assert result.returncode == 0 and result.stdout.startswith("\n")
+    status, out, _ = generate(f"--context_file={empty}", "--num_chars=5", "--prng_seed=1")
+    assert status == 0 and out.startswith("\n")
 
-    several = run_script(*args, "--num_samples=3")
-    assert several.returncode == 0 and several.stdout.count("--- sample") == 3
+    status, out, _ = generate(*args, "--num_samples=3")
+    assert status == 0 and out.count("--- sample") == 3
 
 
 class _Evil:
@@ -191,13 +190,18 @@ def _bad_inputs(tiny_run, tmp_path):
     ]
 
 
-def test_bad_input_exits_2_with_a_clear_message(tiny_run, tmp_path):
-    for args, message in _bad_inputs(tiny_run, tmp_path):
-        result = run_script("generate.py", "--num_chars=5", *args, timeout=120)
-        assert result.returncode == 2, (args, result.stderr)
-        assert message in result.stderr, (args, result.stderr)
-        assert "Traceback" not in result.stderr
+def test_bad_input_exits_2_with_a_clear_message(tiny_run, tmp_path, capsys):
+    """Each in this process (run_command: an exception other than the UserError that exits
+    2 fails the test, as a traceback would), the first as a command too."""
+    inputs = _bad_inputs(tiny_run, tmp_path)
+    for args, message in inputs:
+        status, _, err = run_command(capsys, "generate.py", "--num_chars=5", *args)
+        assert status == 2 and message in err, (args, err)
     assert not (tmp_path / "pwned").exists()
+    args, message = inputs[0]
+    result = run_script("generate.py", "--num_chars=5", *args, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_ctrl_c_ends_an_endless_stream_cleanly(tiny_run):
@@ -345,7 +349,7 @@ def test_every_valid_model_samples_as_the_plain_reference(hp):
     np.testing.assert_array_equal(sampled, expected)
 
 
-def test_temperature_and_top_k_on_the_command_line_change_the_text(tiny_run):
+def test_temperature_and_top_k_on_the_command_line_change_the_text(tiny_run, capsys):
     """--top_k=1, and a temperature near 0, sample the greedy continuation (computed here
     with full forward passes); the default rule, with the same seed, another text."""
     ckpt = checkpoint.load(tiny_run["best"])
@@ -358,10 +362,11 @@ def test_temperature_and_top_k_on_the_command_line_change_the_text(tiny_run):
     greedy = context + "".join(ckpt.vocab[i] for i in ids[len(context):]) + "\n"
 
     def sample(*args):
-        result = run_script("generate.py", f"--params={tiny_run['best']}",
-                            f"--context={context}", "--num_chars=30", "--prng_seed=4", *args)
-        assert result.returncode == 0, result.stderr
-        return result.stdout
+        status, out, err = run_command(capsys, "generate.py", f"--params={tiny_run['best']}",
+                                       f"--context={context}", "--num_chars=30",
+                                       "--prng_seed=4", *args)
+        assert status == 0, err
+        return out
 
     assert sample("--top_k=1") == greedy
     assert sample("--temperature=0.001") == greedy
