@@ -12,78 +12,9 @@ import bench
 import recipes
 import train
 import transformer
-from conftest import TINY, run_script
+from conftest import TINY, run_command, run_script
 
 TINY_ARGS = [f"--{name}={value}" for name, value in TINY._asdict().items()]
-
-
-def test_bench_reports_every_figure(tmp_path):
-    path = tmp_path / "bench.json"
-    result = run_script("bench.py", *TINY_ARGS, "--batch_size=2", "--train_steps=1",
-                        "--num_samples=2", "--compute_dtypes=float32", f"--json={path}")
-    assert result.returncode == 0, result.stderr
-    r = json.loads(path.read_text())
-    for key in ("peak_f32_gflops", "peak_bf16_gflops", "copy_gb_per_s", "read_gb_per_s",
-                "train_tokens_per_s", "train_mfu", "train_eval_s", "sample_cached_chars_per_s",
-                "sample_batch_cached_chars_per_s", "sample_full_window_chars_per_s",
-                "sample_full_forward_chars_per_s", "sample_fraction_of_bound",
-                "ceilings_peak_rss_mb", "train_peak_rss_mb", "sample_peak_rss_mb"):
-        assert r[key] > 0, key
-    assert r["train_compute_dtype"] == "float32"
-    assert r["train_tokens_per_s"] == r["train_float32_tokens_per_s"]
-    # The derived figures, by hand: 2 x 16 tokens a step; FLOPs of the corpus's 88 characters.
-    assert r["train_tokens_per_s"] == pytest.approx(2 * TINY.max_seq_len / r["train_step_s"])
-    ahead = 6 * (TINY.d_model * 88 + 88) if train.CONFIG.ahead_loss else 0  # second head
-    assert r["flops_per_token"] == hand_flops_per_token(TINY, 88) + ahead
-    assert r["train_gflops"] == pytest.approx(r["train_tokens_per_s"] * r["flops_per_token"]
-                                              / 1e9)
-    assert r["train_mfu"] == pytest.approx(r["train_gflops"] / r["peak_f32_gflops"])
-    assert r["sample_bandwidth_bound_chars_per_s"] == (
-        r["copy_gb_per_s"] * 1e9 / r["weight_bytes"])
-    assert "sample, cached, 1 stream" in result.stdout
-    assert "one evaluation (train.py's)" in result.stdout
-
-
-def test_bench_bad_options_exit_2():
-    for args, message in ((["--compute_dtypes=float16"], "--compute_dtypes"),
-                          (["--max_seq_len=1"], "--max_seq_len >= 2"),
-                          (["--d_model=30", "--h=4"], "divisible"),
-                          (["--preset=tpu"], "--preset=tpu: unknown preset"),
-                          (["--optimizer=sgd"], "--optimizer='sgd'"),
-                          (["--prefill_lengths=10,0"], "--prefill_lengths"),
-                          (["--prefill_lengths=ten"], "--prefill_lengths"),
-                          (["--torch_python=/nonexistent/python"], "not an executable file")):
-        result = run_script("bench.py", *args)
-        assert result.returncode == 2, (args, result.stderr)
-        assert message in result.stderr and "Traceback" not in result.stderr
-
-
-def test_bench_of_a_streaming_params_file_times_generate_end_to_end(tmp_path):
-    """--params takes the model's HPARAMS from the file; for a streaming model the bench
-    times past-the-window sampling as cached steps, the prefill of contexts of each length,
-    and generate.py end to end."""
-    import train
-    from conftest import tiny_config
-
-    hp = TINY._replace(positions="rotary", attention_window=8)
-    meta = train.train(tiny_config(tmp_path, max_iters=5, eval_interval=5), hp)
-    params = train.params_paths(str(tmp_path / "params"), meta["run_hash"])[1]
-    path = tmp_path / "bench.json"
-    result = run_script("bench.py", f"--params={params}", "--batch_size=2", "--train_steps=1",
-                        "--num_samples=2", "--compute_dtypes=float32", "--generate_chars=500",
-                        "--prefill_lengths=300,100", "--prefill_chunk=64", f"--json={path}")
-    assert result.returncode == 0, result.stderr
-    r = json.loads(path.read_text())
-    for key in ("generate_chars_per_s", "generate_short_peak_rss_mb",
-                "generate_long_peak_rss_mb", "sample_full_window_chars_per_s",
-                "prefill_100_chars_per_s", "prefill_300_chars_per_s",
-                "prefill_300_peak_rss_mb"):
-        assert r[key] > 0, key
-    assert r["prefill_chunk"] == 64
-    assert "prefill, a context of 300 chars" in result.stdout
-    assert "sample, past the window (cached)" in result.stdout
-    assert "d_model 32, 2 layers" in result.stdout  # the file's model, not the defaults
-    assert "generate.py, 500 chars" in result.stdout
 
 
 FAKE_YARDSTICK = """import json, sys
@@ -94,19 +25,52 @@ print("train_tok_s:", 100.0 if sys.argv[8] == "bf16" else 400.0)
 """
 
 
-def test_bench_runs_the_pytorch_yardstick_at_its_shape_and_reports_the_ratios(tmp_path):
-    """--torch_python: the yardstick (here a stand-in that records its arguments) trains the
-    bench's shape, batch and dropout in bf16 and f32; train_vs_torch = tokens/s over its
-    bf16 tokens/s, train_vs_torch_f32 over its f32 ones."""
+def test_bench_of_a_streaming_params_file_reports_every_figure(tmp_path, capsys):
+    """One whole bench run (each section, as `python bench.py` runs them): every figure of
+    its table in its JSON; the derived ones (tokens per step, FLOPs per token, MFU, the
+    ratios to the yardstick) equal hand counts. --params takes the model's HPARAMS from the
+    file; for a streaming model the bench times past-the-window sampling as cached steps,
+    the prefill of contexts of each length, and generate.py end to end. --torch_python: the
+    yardstick (here a stand-in that records its arguments) trains the bench's shape, batch
+    and dropout in bf16 and f32; train_vs_torch = tokens/s over its bf16 tokens/s,
+    train_vs_torch_f32 over its f32 ones."""
+    import train
+    from conftest import tiny_config
+
+    hp = TINY._replace(positions="rotary", attention_window=8)
+    meta = train.train(tiny_config(tmp_path, max_iters=5, eval_interval=5), hp)
+    params = train.params_paths(str(tmp_path / "params"), meta["run_hash"])[1]
     script = tmp_path / "yardstick.py"
     script.write_text(FAKE_YARDSTICK)
     path = tmp_path / "bench.json"
-    result = run_script("bench.py", *TINY_ARGS, "--batch_size=2", "--train_steps=1",
-                        "--num_samples=2", "--compute_dtypes=float32", f"--json={path}",
+    result = run_script("bench.py", f"--params={params}", "--batch_size=2", "--train_steps=1",
+                        "--num_samples=2", "--compute_dtypes=float32", "--generate_chars=500",
+                        "--prefill_lengths=300,100", "--prefill_chunk=64", f"--json={path}",
                         f"--torch_python={sys.executable}", f"--torch_script={script}",
                         "--torch_seconds=3")
     assert result.returncode == 0, result.stderr
     r = json.loads(path.read_text())
+    for key in ("peak_f32_gflops", "peak_bf16_gflops", "copy_gb_per_s", "read_gb_per_s",
+                "train_tokens_per_s", "train_mfu", "train_eval_s", "sample_cached_chars_per_s",
+                "sample_batch_cached_chars_per_s", "sample_full_window_chars_per_s",
+                "sample_full_forward_chars_per_s", "sample_fraction_of_bound",
+                "ceilings_peak_rss_mb", "train_peak_rss_mb", "sample_peak_rss_mb",
+                "generate_chars_per_s", "generate_short_peak_rss_mb",
+                "generate_long_peak_rss_mb", "prefill_100_chars_per_s",
+                "prefill_300_chars_per_s", "prefill_300_peak_rss_mb"):
+        assert r[key] > 0, key
+    assert r["train_compute_dtype"] == "float32"
+    assert r["train_tokens_per_s"] == r["train_float32_tokens_per_s"]
+    # The derived figures, by hand: 2 x 16 tokens a step; FLOPs of the corpus's 88 characters.
+    assert r["train_tokens_per_s"] == pytest.approx(2 * hp.max_seq_len / r["train_step_s"])
+    ahead = 6 * (hp.d_model * 88 + 88) if train.CONFIG.ahead_loss else 0  # second head
+    assert r["flops_per_token"] == hand_flops_per_token(hp, 88) + ahead
+    assert r["train_gflops"] == pytest.approx(r["train_tokens_per_s"] * r["flops_per_token"]
+                                              / 1e9)
+    assert r["train_mfu"] == pytest.approx(r["train_gflops"] / r["peak_f32_gflops"])
+    assert r["sample_bandwidth_bound_chars_per_s"] == (
+        r["copy_gb_per_s"] * 1e9 / r["weight_bytes"])
+    assert r["prefill_chunk"] == 64
     assert (r["torch_bf16_tokens_per_s"], r["torch_f32_tokens_per_s"]) == (100.0, 400.0)
     assert r["train_vs_torch"] == r["train_tokens_per_s"] / 100.0
     assert r["train_vs_torch_f32"] == r["train_tokens_per_s"] / 400.0
@@ -114,7 +78,29 @@ def test_bench_runs_the_pytorch_yardstick_at_its_shape_and_reports_the_ratios(tm
              for line in (tmp_path / "yardstick.py.calls").read_text().splitlines()]
     shape = ["2", "16", "2", "32", "4", "64", "3.0"]  # B T layers d_model heads d_ff seconds
     assert calls == [shape + ["bf16", "0.1"], shape + ["f32", "0.1"]]
-    assert "train vs PyTorch bf16 / f32" in result.stdout
+    for line in ("sample, cached, 1 stream", "one evaluation (train.py's)",
+                 "prefill, a context of 300 chars", "sample, past the window (cached)",
+                 "d_model 32, 2 layers",  # the file's model, not the defaults
+                 "generate.py, 500 chars", "train vs PyTorch bf16 / f32"):
+        assert line in result.stdout, line
+
+
+def test_bench_bad_options_exit_2(capsys):
+    """Each in this process (conftest.run_command), the first as a command too."""
+    bad = ((["--compute_dtypes=float16"], "--compute_dtypes"),
+           (["--max_seq_len=1"], "--max_seq_len >= 2"),
+           (["--d_model=30", "--h=4"], "divisible"),
+           (["--preset=tpu"], "--preset=tpu: unknown preset"),
+           (["--optimizer=sgd"], "--optimizer='sgd'"),
+           (["--prefill_lengths=10,0"], "--prefill_lengths"),
+           (["--prefill_lengths=ten"], "--prefill_lengths"),
+           (["--torch_python=/nonexistent/python"], "not an executable file"))
+    for args, message in bad:
+        status, _, err = run_command(capsys, "bench.py", *args)
+        assert status == 2 and message in err, (args, err)
+    result = run_script("bench.py", *bad[0][0])
+    assert result.returncode == 2, result.stderr
+    assert bad[0][1] in result.stderr and "Traceback" not in result.stderr
 
 
 def test_bench_preset_takes_the_presets_model_and_batch(tmp_path):
