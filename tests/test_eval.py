@@ -10,7 +10,7 @@ import bench
 import checkpoint
 import data
 import transformer
-from conftest import CORPUS, run_script
+from conftest import CORPUS, run_command, run_script
 
 
 def log_softmax(x):
@@ -20,21 +20,27 @@ def log_softmax(x):
 
 def independent_loss(ckpt, ids, seq_len):
     """Mean nats per predicted character over consecutive non-overlapping windows of ids,
-    the last one shorter, computed window by window with numpy."""
+    the last one shorter, computed with numpy from the model's logits (the full windows a
+    batch of them at a time, the last one alone)."""
     apply = jax.jit(transformer.build(ckpt.hparams, len(ckpt.vocab)).apply, static_argnums=3)
+    num_full = (len(ids) - 1) // seq_len
+    inputs = ids[:num_full * seq_len].reshape(num_full, seq_len)
+    targets = ids[1:num_full * seq_len + 1].reshape(num_full, seq_len)
+    groups = -(-num_full // 256)
+    parts = list(zip(np.array_split(inputs, groups), np.array_split(targets, groups)))
+    if (len(ids) - 1) % seq_len:
+        parts.append((ids[num_full * seq_len:-1][None], ids[num_full * seq_len + 1:][None]))
     total, count = 0.0, 0
-    for start in range(0, len(ids) - 1, seq_len):
-        inputs = ids[start:start + seq_len]
-        targets = ids[start + 1:start + seq_len + 1]
-        inputs = inputs[:len(targets)]
-        logits = np.asarray(apply(ckpt.params, None, inputs[None], False))[0]
-        total -= log_softmax(logits.astype(np.float64))[np.arange(len(targets)), targets].sum()
-        count += len(targets)
+    for part_inputs, part_targets in parts:
+        logits = np.asarray(apply(ckpt.params, None, part_inputs, False), np.float64)
+        log_probs = np.take_along_axis(log_softmax(logits), part_targets[..., None], -1)
+        total -= log_probs.sum()
+        count += part_targets.size
     assert count == len(ids) - 1  # every character after the first, once
     return total / count
 
 
-def trained_and_evaluated(tmp_path, hp, **changes):
+def trained_and_evaluated(tmp_path, capsys, hp, **changes):
     """A brief training run of `hp` on the corpus, then eval.py on its best file:
     (its checkpoint, eval.py's metrics, the validation ids)."""
     import train
@@ -42,18 +48,20 @@ def trained_and_evaluated(tmp_path, hp, **changes):
 
     meta = train.train(tiny_config(tmp_path, **changes), hp)
     best = train.params_paths(str(tmp_path / "params"), meta["run_hash"])[1]
-    result = run_script("eval.py", f"--params={best}", f"--source_file={CORPUS}")
-    assert result.returncode == 0, result.stderr
-    metrics = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+    status, out, err = run_command(capsys, "eval.py", f"--params={best}",
+                                   f"--source_file={CORPUS}")
+    assert status == 0, err
+    metrics = dict(line.split(": ", 1) for line in out.splitlines())
     ckpt = checkpoint.load(best)
     _, val_ids = data.split(data.encode(data.read_text(CORPUS), ckpt.vocab))
     return ckpt, metrics, val_ids
 
 
-def test_eval_metrics_match_an_independent_computation(tiny_run):
-    result = run_script("eval.py", f"--params={tiny_run['best']}", f"--source_file={CORPUS}")
-    assert result.returncode == 0, result.stderr
-    metrics = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+def test_eval_metrics_match_an_independent_computation(tiny_run, capsys):
+    status, out, err = run_command(capsys, "eval.py", f"--params={tiny_run['best']}",
+                                   f"--source_file={CORPUS}")
+    assert status == 0, err
+    metrics = dict(line.split(": ", 1) for line in out.splitlines())
     ckpt = checkpoint.load(tiny_run["best"])
     ids = data.encode(data.read_text(CORPUS), ckpt.vocab)
     _, val_ids = data.split(ids)
@@ -81,7 +89,7 @@ def test_eval_bad_params_exit_2(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_streaming_model_also_reports_the_loss_its_sampler_gives(tmp_path):
+def test_streaming_model_also_reports_the_loss_its_sampler_gives(tmp_path, capsys):
     """A streaming model (trained briefly) gets val_loss_stream: every validation character
     predicted with all the text before it. Computed independently here in segments of 64
     targets, each read with the reach of the model before it (decoder_N * (W - 1)
@@ -89,7 +97,7 @@ def test_streaming_model_also_reports_the_loss_its_sampler_gives(tmp_path):
     from conftest import TINY
 
     hp = TINY._replace(positions="rotary", attention_window=8, max_seq_len=32)
-    ckpt, metrics, val_ids = trained_and_evaluated(tmp_path, hp, max_iters=30,
+    ckpt, metrics, val_ids = trained_and_evaluated(tmp_path, capsys, hp, max_iters=30,
                                                    eval_interval=30)
     reach, length = hp.decoder_N * (hp.attention_window - 1), 64
     apply = jax.jit(transformer.build(hp, len(ckpt.vocab)).apply, static_argnums=3)
@@ -115,21 +123,20 @@ def test_streaming_model_also_reports_the_loss_its_sampler_gives(tmp_path):
         independent_loss(ckpt, val_ids, 256), abs=2e-4)
 
 
-def test_eval_refuses_sampling_options():
+def test_eval_refuses_sampling_options(capsys):
     """Each script owns its config: eval.py has no sampling options to ignore silently."""
-    result = run_script("eval.py", "--temperature=0.5")
-    assert result.returncode == 2
-    assert "unknown option --temperature" in result.stderr and "Traceback" not in result.stderr
+    status, _, err = run_command(capsys, "eval.py", "--temperature=0.5")
+    assert status == 2 and "unknown option --temperature" in err
 
 
-def test_nanogpt_measure_reads_256_character_windows(tmp_path):
+def test_nanogpt_measure_reads_256_character_windows(tmp_path, capsys):
     """val_loss_256: non-overlapping 256-character windows over the whole validation split,
     every position counted, computed here window by window. A model with learned positions
     (its logits depend on the position in the window) tells it from the 128-character
     val_loss."""
     from conftest import TINY
 
-    ckpt, metrics, val_ids = trained_and_evaluated(tmp_path, TINY._replace(max_seq_len=256),
+    ckpt, metrics, val_ids = trained_and_evaluated(tmp_path, capsys, TINY._replace(max_seq_len=256),
                                                    max_iters=10, eval_interval=10,
                                                    batch_size=4)
     expected = independent_loss(ckpt, val_ids, 256)
