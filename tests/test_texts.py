@@ -13,7 +13,7 @@ import data
 import recipes
 import transformer
 from common import UserError
-from conftest import CORPUS, SHAKESPEARE, run_script
+from conftest import CORPUS, SHAKESPEARE, run_command
 
 # A text with everything a real file may hold: accents, emoji (outside the BMP), CJK, a BOM,
 # Windows line endings and one old-Mac CR.
@@ -108,38 +108,40 @@ def test_too_short_texts_say_how_long_a_text_must_be(num_chars, split):
 
 # ---- through the scripts ----
 
-def test_a_new_text_trains_evaluates_and_samples(tmp_path):
+def test_a_new_text_trains_evaluates_and_samples(tmp_path, capsys):
     """A Windows-saved file with emoji and CJK: its vocabulary has neither "\\r" nor the BOM;
     eval.py reads the recorded text by default and gives the CRLF file the LF file's losses;
     generate.py samples with no text file at all."""
     path = windows_file(tmp_path)
     params_dir = tmp_path / "params"
-    result = run_script("train.py", f"--source_file={path}", f"--params_dir={params_dir}",
-                        *TINY_ARGS)
-    assert result.returncode == 0, result.stderr
-    assert "preset: none (CONFIG in train.py and HPARAMS" in result.stderr  # as written
+    status, _, err = run_command(capsys, "train.py", f"--source_file={path}",
+                                 f"--params_dir={params_dir}", *TINY_ARGS)
+    assert status == 0, err
+    assert "preset: none (CONFIG in train.py and HPARAMS" in err  # as written
     (best,) = [str(p) for p in params_dir.glob("*.min_val.pkl")]
     vocab = checkpoint.load(best).vocab
     assert vocab == data.build_vocab(TEXT) and "\r" not in vocab and "\ufeff" not in vocab
     assert {"😀", "你", "✓"} <= set(vocab)
 
-    recorded = run_script("eval.py", f"--params={best}")  # the text it was trained on
-    assert recorded.returncode == 0, recorded.stderr
-    metrics = dict(line.split(": ", 1) for line in recorded.stdout.splitlines())
+    status, recorded, err = run_command(capsys, "eval.py", f"--params={best}")  # its text
+    assert status == 0, err
+    metrics = dict(line.split(": ", 1) for line in recorded.splitlines())
     assert metrics["source_file"] == path
     assert float(metrics["val_loss"]) == pytest.approx(checkpoint.load(best).meta["min_val_loss"],
                                                        abs=1e-4)
     unix = tmp_path / "unix.txt"
     unix.write_text(TEXT, encoding="utf-8")
-    other = run_script("eval.py", f"--params={best}", f"--source_file={unix}")
-    assert other.returncode == 0, other.stderr
-    assert other.stdout.replace(str(unix), path) == recorded.stdout
+    status, other, err = run_command(capsys, "eval.py", f"--params={best}",
+                                     f"--source_file={unix}")
+    assert status == 0, err
+    assert other.replace(str(unix), path) == recorded
 
-    sampled = run_script("generate.py", f"--params={best}", "--num_chars=80", "--prng_seed=3")
-    assert sampled.returncode == 0, sampled.stderr
-    assert "sampling from '\\n'" in sampled.stderr  # the default context is Cervantes
-    assert sampled.stdout.startswith("\n") and len(sampled.stdout) == 1 + 80 + 1
-    assert set(sampled.stdout) <= set(vocab)
+    status, sampled, err = run_command(capsys, "generate.py", f"--params={best}",
+                                       "--num_chars=80", "--prng_seed=3")
+    assert status == 0, err
+    assert "sampling from '\\n'" in err  # the default context is Cervantes
+    assert sampled.startswith("\n") and len(sampled) == 1 + 80 + 1
+    assert set(sampled) <= set(vocab)
 
 
 @pytest.mark.parametrize("content, message", [
@@ -148,37 +150,36 @@ def test_a_new_text_trains_evaluates_and_samples(tmp_path):
     (b"short text", "training split"),              # 10 characters: 9 train
     (("abcdefghij" * 10).encode(), "validation split"),  # 100: 10 validate; windows: 17
 ])
-def test_texts_that_cannot_train_exit_2_and_write_nothing(tmp_path, content, message):
+def test_texts_that_cannot_train_exit_2_and_write_nothing(tmp_path, content, message, capsys):
     path = tmp_path / "text.txt"
     path.write_bytes(content)
     out = tmp_path / "out"
-    result = run_script("train.py", f"--source_file={path}", f"--params_dir={out}",
-                        f"--aim_repo={out}", *TINY_ARGS[:-2])  # with Aim on
-    assert result.returncode == 2
-    assert message in result.stderr and str(path) in result.stderr
-    assert "Traceback" not in result.stderr
+    status, _, err = run_command(capsys, "train.py", f"--source_file={path}",
+                                 f"--params_dir={out}", f"--aim_repo={out}",
+                                 *TINY_ARGS[:-2])  # with Aim on
+    assert status == 2 and message in err and str(path) in err, err
     assert not out.exists()  # no params file, no Aim repository
 
 
-def test_eval_on_a_text_with_other_characters_exits_2_naming_them(tiny_run, tmp_path):
+def test_eval_on_a_text_with_other_characters_exits_2_naming_them(tiny_run, tmp_path, capsys):
     path = tmp_path / "emoji.txt"
     path.write_text("hola 😀 " * 100, encoding="utf-8")
-    result = run_script("eval.py", f"--params={tiny_run['best']}", f"--source_file={path}")
-    assert result.returncode == 2
-    assert "'😀' (U+1F600)" in result.stderr and str(path) in result.stderr
-    assert "Traceback" not in result.stderr
+    status, _, err = run_command(capsys, "eval.py", f"--params={tiny_run['best']}",
+                                 f"--source_file={path}")
+    assert status == 2 and "'😀' (U+1F600)" in err and str(path) in err, err
 
 
-def test_context_is_read_as_training_reads_text(tiny_run, tmp_path):
+def test_context_is_read_as_training_reads_text(tiny_run, tmp_path, capsys):
     """A CRLF context file samples exactly what its LF version does."""
     crlf, lf = tmp_path / "crlf.txt", tmp_path / "lf.txt"
     crlf.write_bytes("\ufeffEn un lugar\r\nde la Mancha".encode("utf-8"))
     lf.write_text("En un lugar\nde la Mancha", encoding="utf-8")
-    runs = [run_script("generate.py", f"--params={tiny_run['best']}", f"--context_file={f}",
-                       "--num_chars=40", "--prng_seed=5") for f in (crlf, lf)]
-    assert [r.returncode for r in runs] == [0, 0], runs[0].stderr
-    assert runs[0].stdout == runs[1].stdout
-    assert runs[0].stdout.startswith("En un lugar\nde la Mancha")
+    runs = [run_command(capsys, "generate.py", f"--params={tiny_run['best']}",
+                        f"--context_file={f}", "--num_chars=40", "--prng_seed=5")
+            for f in (crlf, lf)]
+    assert [status for status, _, _ in runs] == [0, 0], runs[0][2]
+    assert runs[0][1] == runs[1][1]
+    assert runs[0][1].startswith("En un lugar\nde la Mancha")
 
 
 def test_shakespeare_preset_trains_on_tiny_shakespeare():
