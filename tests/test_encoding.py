@@ -14,7 +14,7 @@ import encoding
 import eval as eval_script
 import train
 from common import UserError
-from conftest import CORPUS, TINY, run_script, tiny_config
+from conftest import CORPUS, TINY, run_command, tiny_config
 
 # Multibyte characters, CR LF and lone CR (normalized to LF), a byte order mark, an emoji.
 TRICKY = "\ufeffEn un lugar\r\nde la Mancha,\rcuyo nombre — ¿no? ¡sí! 🦆 ñandú\r\n" * 7
@@ -126,7 +126,7 @@ def test_bad_files_are_refused_with_their_message(tmp_path, content, message):
         encoding.load(str(tmp_path / "missing.txt"))
 
 
-def test_the_unknown_symbol_round_trips_through_the_params_file(tmp_path):
+def test_the_unknown_symbol_round_trips_through_the_params_file(tmp_path, capsys):
     """A run with min_char_count keeps its bounded vocabulary in its params file; evaluation
     and sampling read the text's rare characters as its unknown symbol, as training did."""
     rare = "".join(map(chr, range(0x3040, 0x3060)))  # 32 characters, each seen once
@@ -141,8 +141,8 @@ def test_the_unknown_symbol_round_trips_through_the_params_file(tmp_path):
     assert ckpt.vocab == encoding.load(path, min_count=3).vocab
     losses = eval_script.evaluate(ckpt, eval_script.CONFIG._replace(params=best))
     assert losses["val_loss"] == pytest.approx(meta["history"]["val_loss"][-1], rel=1e-4)
-    result = run_script("generate.py", f"--params={best}", f"--context={rare[:3]}abc",
-                        "--num_chars=20", "--prng_seed=1")
-    assert result.returncode == 0, result.stderr  # the vocabulary lacks the context's first 3
-    assert result.stdout.startswith(rare[:3] + "abc")
+    status, out, err = run_command(capsys, "generate.py", f"--params={best}",
+                                   f"--context={rare[:3]}abc", "--num_chars=20", "--prng_seed=1")
+    assert status == 0, err  # the vocabulary lacks the context's first 3
+    assert out.startswith(rare[:3] + "abc")
 
