@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_command, run_script
 
 SCRIPT = r"""
 import json, sys
@@ -22,7 +22,7 @@ out_dir = sys.argv[1]
 # float32 matmuls: bfloat16 rounds each device's partial gradients before they are summed,
 # so its result depends on the split by more than this test's tolerance.
 config = tiny_config(out_dir, max_iters=20, eval_interval=10, batch_size=8, log_interval=1,
-                     compute_dtype="float32")
+                     compute_dtype="float32", eval_chars=8192)  # a sample: one batch
 text = data.read_text(config.source_file)
 vocab = data.build_vocab(text)
 mesh = train.make_mesh()
@@ -100,8 +100,9 @@ def _eval_lines(stdout: str) -> list[tuple[int, float, float]]:
     return rows
 
 
-def test_two_processes_with_jax_distributed_train_like_one(tmp_path):
-    """Two localhost processes (one CPU device each, gloo collectives) split each batch."""
+def test_two_processes_with_jax_distributed_train_like_one(tmp_path, capsys):
+    """Two localhost processes (one CPU device each, gloo collectives) split each batch,
+    and train as one process on one device (this one: conftest.run_command)."""
     import socket
 
     from conftest import CORPUS, TINY
@@ -112,10 +113,10 @@ def test_two_processes_with_jax_distributed_train_like_one(tmp_path):
     # float32, as above: in bfloat16 the split changes the rounding by more than 2e-4.
     common = ["train.py", f"--source_file={CORPUS}", "--aim=False", "--max_iters=20",
               "--eval_interval=10", "--batch_size=8", "--eval_batch_size=512",
-              "--sample_chars=0", "--compute_dtype=float32",
+              "--sample_chars=0", "--compute_dtype=float32", "--eval_chars=8192",
               *(f"--{k}={v}" for k, v in TINY._asdict().items())]
-    single = run_script(*common, f"--params_dir={tmp_path / 'single'}")
-    assert single.returncode == 0, single.stderr[-2000:]
+    status, single, err = run_command(capsys, *common, f"--params_dir={tmp_path / 'single'}")
+    assert status == 0, err[-2000:]
     multi_dir = tmp_path / "multi"
     # Each child writes to files, not pipes: read one after the other, a pipe could fill up
     # and block its child in a collective that the other child waits for.
@@ -139,7 +140,7 @@ def test_two_processes_with_jax_distributed_train_like_one(tmp_path):
         out.close(), err.close()
     for p, (out, err) in zip(processes, outputs):
         assert p.returncode == 0, err[-2000:]
-    expected = _eval_lines(single.stdout)
+    expected = _eval_lines(single)
     assert [row[0] for row in expected] == [10, 20]
     got = _eval_lines(outputs[0][0])
     assert [row[0] for row in got] == [10, 20]
@@ -156,25 +157,42 @@ def _devices(stderr: str) -> int:
                 if line.startswith("devices: ")).count("Device(")
 
 
+PICKS = r"""
+import json, sys
+import train, train_step
+train_step.split_cpu_cores()  # as train.py does before JAX starts
+picks = [len(train_step.mesh_devices(train.CONFIG._replace(**changes)))
+         for changes in json.loads(sys.argv[1])]
+print(json.dumps(picks))
+"""
+
+
 def test_one_cpu_host_splits_an_adamw_batch_over_its_cores(tmp_path):
     """Without XLA_FLAGS train.py makes a device per core: an AdamW run splits its batch over
     as many as divide it and the evaluation's batch (an odd one: a single device), a Muon
-    run keeps one, --cpu_devices picks, and too many exit 2."""
+    run keeps one, --cpu_devices picks, and too many exit 2. The picks in one process, as
+    train.py makes them; a run of train.py splits its batch as picked."""
     from conftest import CORPUS, TINY
 
     cores = len(os.sched_getaffinity(0))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    per_core = max(n for n in (1, 2, 4, 8) if n <= cores)  # as many as divide the batches
+    cases = [({"optimizer": "adamw"}, per_core), ({"optimizer": "muon"}, 1),
+             ({"optimizer": "adamw", "cpu_devices": 1}, 1),
+             ({"optimizer": "adamw", "eval_batch_size": 3}, 1)]
+    base = {"batch_size": 8, "eval_batch_size": 512}
+    result = subprocess.run([sys.executable, "-c", PICKS,
+                             json.dumps([{**base, **changes} for changes, _ in cases])],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout) == [expected for _, expected in cases]
     common = ["train.py", f"--source_file={CORPUS}", "--aim=False", "--max_iters=2",
               "--eval_interval=2", "--batch_size=8", "--eval_batch_size=512",
               "--sample_chars=0", f"--params_dir={tmp_path}",
               *(f"--{k}={v}" for k, v in TINY._asdict().items())]
-    per_core = max(n for n in (1, 2, 4, 8) if n <= cores)  # as many as divide the batches
-    for options, expected in ((["--optimizer=adamw"], per_core), (["--optimizer=muon"], 1),
-                              (["--optimizer=adamw", "--cpu_devices=1"], 1),
-                              (["--optimizer=adamw", "--eval_batch_size=3"], 1)):
-        result = run_script(*common, *options, env=env)
-        assert result.returncode == 0, result.stderr[-2000:]
-        assert _devices(result.stderr) == expected, options
+    result = run_script(*common, "--optimizer=adamw", env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _devices(result.stderr) == per_core
     result = run_script(*common, f"--cpu_devices={cores + 1}", env=env)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"--cpu_devices={cores + 1}: must be from 0 (pick) to this host's" in result.stderr
