@@ -6,6 +6,8 @@ it had left."""
 import math
 import time
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 import budget
@@ -56,6 +58,29 @@ def test_the_clock_spreads_its_evaluations_and_keeps_the_final_ones_time(monkeyp
     assert clock.progress() == pytest.approx(0.5)  # never back
     now[0] = 200.0
     assert clock.progress() == 1.0 and clock.finished(4) and clock.evaluates(4)
+
+
+def test_compile_time_is_what_a_first_call_costs_beyond_the_later_ones():
+    """CompileTime counts tracing, lowering and XLA's compile (a budget keeps the final
+    evaluation's time without its compile): here a function whose compile dominates (a
+    constant of this run in it: no compilation cache holds it)."""
+    salt = time.time()
+
+    def f(x):
+        for i in range(60):
+            x = jnp.sin(x @ x.T + i * salt)[:, :64]
+        return x
+
+    x = jnp.ones((64, 64))
+    jitted = jax.jit(f)
+    with budget.CompileTime() as compiling:
+        began = time.perf_counter()
+        jitted(x).block_until_ready()
+        first = time.perf_counter() - began
+    began = time.perf_counter()
+    jitted(x).block_until_ready()
+    later = time.perf_counter() - began
+    assert 0.8 * (first - later) <= compiling.seconds <= first
 
 
 def test_a_budget_with_no_time_to_train_is_refused(monkeypatch):

@@ -2,6 +2,7 @@
 it (never stale), with a vocabulary a user can bound; the unknown symbol through a run, its
 params file, evaluation and sampling."""
 
+import errno
 import glob
 import os
 
@@ -86,6 +87,45 @@ def test_a_large_text_keeps_its_encoding_beside_it_never_stale(tmp_path, monkeyp
     assert "x" in edited.vocab and "x" not in first.vocab
     assert len(glob.glob(str(tmp_path / ".text.txt.*.ids.npz"))) == 1
     assert not os.path.exists(caches[0])
+
+
+def test_a_cached_text_bounds_and_maps_its_vocabulary_as_a_fresh_read(tmp_path, monkeypatch):
+    """A second run or a resume reads the cache: its bounded vocabulary, its note, and its
+    ids against a model's vocabulary equal those of the text read anew."""
+    path = write(tmp_path, TRICKY + "xxy")
+    model_vocab = "".join(sorted(set("En un lugar"))) + data.UNKNOWN
+    reads = lambda: (encoding.load(path, min_count=7), encoding.load(path, vocab=model_vocab))
+    fresh = reads()
+    monkeypatch.setattr(encoding, "CACHE_MIN_BYTES", 1)
+    encoding.load(path)  # the first run, which writes the cache
+    assert glob.glob(str(tmp_path / ".text.txt.*.ids.npz"))
+    cached = reads()
+    for a, b in zip(fresh, cached):
+        assert (a.vocab, a.note) == (b.vocab, b.note)
+        np.testing.assert_array_equal(a.ids, b.ids)
+    assert "x" not in cached[0].vocab and data.UNKNOWN in cached[0].vocab
+
+
+def test_a_folder_it_cannot_write_encodes_the_text_each_time_with_a_note(tmp_path,
+                                                                          monkeypatch, capsys):
+    """A cache that cannot be written (a read-only folder; simulated: these tests may run as
+    root) is a note, not an error, and the text reads the same."""
+    monkeypatch.setattr(encoding, "CACHE_MIN_BYTES", 1)
+    path = write(tmp_path, TRICKY)
+    expected = encoding.load(path)
+    for cache in glob.glob(str(tmp_path / ".text.txt.*.ids.npz")):
+        os.remove(cache)
+
+    def read_only(*_):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(encoding, "atomic_file", read_only)
+    capsys.readouterr()
+    for _ in range(2):
+        text = encoding.load(path)
+        np.testing.assert_array_equal(text.ids, expected.ids)
+        assert "cannot keep the encoding of" in capsys.readouterr().err
+    assert not glob.glob(str(tmp_path / ".text.txt.*.ids.npz"))
 
 
 def test_a_small_text_writes_no_cache(tmp_path):

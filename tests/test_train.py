@@ -519,7 +519,7 @@ def test_weight_decay_shrinks_matrices_and_embeddings_only():
     params = _tiny_params()
     optimizer = make_optimizer(config, _tiny_loss())
     zeros = jax.tree.map(jax.numpy.zeros_like, params)
-    updates, _ = optimizer.update(zeros, optimizer.init(params), params)
+    updates, _ = jax.jit(optimizer.update)(zeros, optimizer.init(params), params)
     new = optax.apply_updates(params, updates)
     decayed, kept = set(), set()
     for module, leaves in params.items():
@@ -550,8 +550,9 @@ def test_weight_decay_final_moves_the_decay_linearly_over_the_run(name):
     for final, expected in ((0.6, lambda k: 0.1 + 0.05 * min(k, 10)), (None, lambda k: 0.1)):
         optimizer = make_optimizer(config._replace(weight_decay_final=final), _tiny_loss())
         state, current = optimizer.init(params), params
+        update = jax.jit(optimizer.update)
         for k in range(12):
-            updates, state = optimizer.update(zeros, state, current)
+            updates, state = update(zeros, state, current)
             new = optax.apply_updates(current, updates)
             before, after = (p["transformer/decoder_0/ff_in"]["w"] for p in (current, new))
             np.testing.assert_allclose(after, before * (1 - 1e-2 * expected(k)), rtol=1e-6)
@@ -574,7 +575,7 @@ def test_gradient_clipping_bounds_what_a_huge_gradient_moves(grad_clip):
     direction = jax.tree.map(lambda g: g / total, direction)                   # norm 1
     for norm in (1e6, 0.5):
         grads = jax.tree.map(lambda g: g * norm, direction)
-        _, state = optimizer.update(grads, optimizer.init(params), params)
+        _, state = jax.jit(optimizer.update)(grads, optimizer.init(params), params)
         mu = optax.tree_utils.tree_get(state, "mu")
         clipped = min(norm, grad_clip) if grad_clip > 0 else norm
         assert float(optax.tree.norm(mu)) == pytest.approx(0.1 * clipped, rel=1e-4)
@@ -621,7 +622,7 @@ def test_muon_orthogonalizes_hidden_matrices_and_adamw_takes_the_rest(compute_dt
                                                    zlib.crc32(f"{module}/{name}".encode()))
     grads = {module: {name: jax.random.normal(key(module, name), x.shape)
                       for name, x in leaves.items()} for module, leaves in params.items()}
-    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    updates, _ = jax.jit(optimizer.update)(grads, optimizer.init(params), params)
     muon_matrices = 0
     for module, leaves in params.items():
         for name, value in leaves.items():
@@ -639,7 +640,7 @@ def test_muon_orthogonalizes_hidden_matrices_and_adamw_takes_the_rest(compute_dt
 
     optimizer = make_optimizer(config, _tiny_loss(0.5))
     zeros = jax.tree.map(jax.numpy.zeros_like, params)
-    updates, _ = optimizer.update(zeros, optimizer.init(params), params)
+    updates, _ = jax.jit(optimizer.update)(zeros, optimizer.init(params), params)
     new = optax.apply_updates(params, updates)
     for module, leaves in params.items():
         for name, value in leaves.items():
@@ -774,7 +775,7 @@ def test_muon_scales_each_matrix_by_haikus_in_out_layout():
               "narrow": {"w": np.zeros((32, 8), np.float32)}}
     grads = {"widen": {"w": g}, "narrow": {"w": g.T}}
     optimizer = make_optimizer(config, hidden={"widen": {"w": True}, "narrow": {"w": True}})
-    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    updates, _ = jax.jit(optimizer.update)(grads, optimizer.init(params), params)
     np.testing.assert_allclose(updates["widen"]["w"], 2.0 * updates["narrow"]["w"].T,
                                rtol=1e-4, atol=1e-7)
     assert np.abs(updates["widen"]["w"]).max() > 0
