@@ -171,7 +171,8 @@ def test_one_cpu_host_splits_an_adamw_batch_over_its_cores(tmp_path):
     """Without XLA_FLAGS train.py makes a device per core: an AdamW run splits its batch over
     as many as divide it and the evaluation's batch (an odd one: a single device), a Muon
     run keeps one, --cpu_devices picks, and too many exit 2. The picks in one process, as
-    train.py makes them; a run of train.py splits its batch as picked."""
+    train.py makes them; a run of train.py splits its batch as picked, and so does its
+    resumption."""
     from conftest import CORPUS, TINY
 
     cores = len(os.sched_getaffinity(0))
@@ -188,9 +189,14 @@ def test_one_cpu_host_splits_an_adamw_batch_over_its_cores(tmp_path):
     assert json.loads(result.stdout) == [expected for _, expected in cases]
     common = ["train.py", f"--source_file={CORPUS}", "--aim=False", "--max_iters=2",
               "--eval_interval=2", "--batch_size=8", "--eval_batch_size=512",
-              "--sample_chars=0", f"--params_dir={tmp_path}",
+              "--eval_chars=8192", "--sample_chars=0", f"--params_dir={tmp_path}",
               *(f"--{k}={v}" for k, v in TINY._asdict().items())]
     result = run_script(*common, "--optimizer=adamw", env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _devices(result.stderr) == per_core
+    # Resumed, the run picks by its saved config (AdamW), not by train.py's CONFIG (Muon).
+    (latest,) = [p for p in tmp_path.glob("*.pkl") if not p.name.endswith(".min_val.pkl")]
+    result = run_script("train.py", f"--resume={latest}", "--aim=False", env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert _devices(result.stderr) == per_core
     result = run_script(*common, f"--cpu_devices={cores + 1}", env=env)

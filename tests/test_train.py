@@ -692,6 +692,20 @@ def test_shuffled_passes_leave_out_other_windows_each_pass():
     assert seen == set(range(per_pass))
 
 
+def test_shuffled_passes_need_a_batch_of_windows(tmp_path, capsys):
+    """A training split with fewer windows than a batch has no whole batch in a pass: the
+    run exits 2 saying so, before any step."""
+    path = tmp_path / "short.txt"
+    path.write_text("abcdefghij" * 100)  # 900 training characters: 55 windows of 16
+    status, _, err = run_command(capsys, "train.py", f"--source_file={path}", "--aim=False",
+                                 f"--params_dir={tmp_path}", "--batches=shuffled",
+                                 "--batch_size=64",
+                                 *(f"--{k}={v}" for k, v in TINY._asdict().items()))
+    assert status == 2, err
+    assert "--batches=shuffled: the training split holds fewer than batch_size=64 windows" in err
+    assert not list(tmp_path.glob("*.pkl"))
+
+
 def test_muon_wsd_and_shuffled_passes_train(tmp_path):
     """The other choices of the recipe train the tiny model as well as the defaults' run:
     both losses 0.2 nats/char or more below the unigram entropy of the training text."""
