@@ -296,7 +296,7 @@ def test_a_signal_saves_and_exits_0(tmp_path, signum):
     file is saved, the way to resume is printed, and the exit status is 0."""
     args = [sys.executable, "train.py", f"--source_file={CORPUS}", "--aim=False",
             f"--params_dir={tmp_path}", "--max_iters=100000", "--eval_interval=5",
-            "--eval_batch_size=512", "--batch_size=4", "--sample_chars=0",
+            "--eval_batch_size=512", "--eval_chars=8192", "--batch_size=4", "--sample_chars=0",
             *(f"--{k}={v}" for k, v in TINY._asdict().items())]
     process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
