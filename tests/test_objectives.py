@@ -153,11 +153,20 @@ def test_student_learns_towards_its_teacher(tiny_run, tmp_path):
         0.8 * divergence_after())
 
 
-def test_bad_teachers_are_refused(tmp_path):
+def test_bad_teachers_are_refused(tmp_path, tiny_run):
+    """A distill_weight past 1, a missing file, a teacher of another text, and one that
+    reads fewer characters than the student's windows: each a UserError saying which."""
     with pytest.raises(UserError, match="distill_weight"):
         train.check_config(train.CONFIG._replace(distill_weight=1.5))
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="missing.pkl"):
         objectives.load_teachers(str(tmp_path / "missing.pkl"), VOCAB)
+    with pytest.raises(UserError, match="was trained on another text"):
+        objectives.load_teachers(f"{tiny_run['best']},{tiny_run['best']}", VOCAB)
+    teacher = checkpoint.load(tiny_run["best"])  # 16 positions, learned
+    ids = np.zeros(1000, np.int32)
+    with pytest.raises(UserError, match="reads 16 characters, fewer than the student's "
+                                        "windows of 32"):
+        objectives.make_teachers(tiny_run["best"], teacher.vocab, 32, ids)
 
 
 def cross_entropy(logits, targets) -> float:

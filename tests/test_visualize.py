@@ -19,7 +19,7 @@ import transformer
 import visualize
 import metrics
 import reader
-from conftest import CORPUS, ROOT, TINY, run_script, tiny_config
+from conftest import CORPUS, ROOT, TINY, run_command, run_script, tiny_config
 from test_aim_ui import BROWSER_DIR, missing_tools
 
 STREAMING = TINY._replace(positions="rotary", attention_window=6)
@@ -189,13 +189,14 @@ def test_script_writes_page_png_and_json_and_the_browser_shows_them(streaming_ru
     (["--params=nowhere.pkl"], "nowhere.pkl"),
     (["--text_file=nowhere.txt"], "nowhere.txt"),
 ])
-def test_bad_input_exits_2_and_writes_nothing(streaming_run, tmp_path, args, message):
+def test_bad_input_exits_2_and_writes_nothing(streaming_run, tmp_path, args, message,
+                                              capsys):
+    """In this process (conftest.run_command); visualize.py as a command: the page test."""
     out, png = str(tmp_path / "page.html"), str(tmp_path / "attention.png")
     params = [] if any(a.startswith("--params") for a in args) else [f"--params={streaming_run}"]
-    result = run_script("visualize.py", *params, *args, f"--out={out}",
-                        f"--attention_png={png}")
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr and "Traceback" not in result.stderr
+    status, _, err = run_command(capsys, "visualize.py", *params, *args, f"--out={out}",
+                                 f"--attention_png={png}")
+    assert status == 2 and message in err, err
     assert os.listdir(tmp_path) == []
 
 
