@@ -19,18 +19,26 @@ import train
 from conftest import TINY, run_command, original_config, tiny_config
 
 
-def test_a_timed_run_keeps_its_budget_and_ends_at_its_final_rates(tmp_path, capsys):
-    """30 s of a tiny model: the call returns within a few percent of 30 s, having
-    evaluated first and last (the 2-minute recipe's single evaluation), and the last
-    update's rates are the schedules' ends (cosine to learning_rate * min_lr_ratio)."""
+def test_a_timed_run_keeps_its_budget_through_a_resume_and_ends_at_its_final_rates(tmp_path,
+                                                                                   capsys):
+    """30 s of a tiny model, stopped after 1,000 steps (seconds in) and resumed: the run's
+    wall time, both calls' time in train, stays within a few percent of the budget (a
+    resumed run given the whole budget again would overrun it by the first call's time);
+    it evaluated first, where it resumed, and last (the 2-minute recipe's single
+    evaluation), the steps went on, and the last update's rates are the schedules' ends (cosine to learning_rate *
+    min_lr_ratio)."""
     config = tiny_config(tmp_path, minutes=0.5, schedule="cosine", min_lr_ratio=0.1,
                          learning_rate=3e-3, optimizer="muon", muon_learning_rate=0.02,
                          max_iters=10)  # max_iters: not a bound of a timed run
     began = time.time()
-    meta = train.train(config, TINY)
+    first = train.train(config, TINY, stop_at=1000)
+    assert first["step"] == 1000 and first["wall_s"] > 3
+    latest = train.params_paths(config.params_dir, first["run_hash"])[0]
+    meta = train.train(config._replace(resume=latest), TINY)
     seconds = time.time() - began
-    assert 0.92 * 30 <= seconds <= 1.03 * 30
-    assert meta["history"]["step"] == [0, meta["step"]] and meta["step"] > 100
+    assert 0.92 * 30 <= meta["wall_s"] <= 1.03 * 30 and seconds <= 1.03 * 30 + 1
+    assert meta["history"]["step"] == [0, 1000, meta["step"]] and meta["step"] > 1100
+    assert checkpoint.load(latest).meta["step"] == meta["step"]
     last = [l for l in capsys.readouterr().out.splitlines()
             if l.startswith(f"step {meta['step']} |")][0]
     assert "| learning_rate 3.00e-04 | muon_learning_rate 2.00e-03 |" in last
@@ -124,20 +132,6 @@ def test_minutes_choose_their_budgets_recipe_and_other_options_still_win():
     assert (config, hparams) == (train.CONFIG._replace(preset="none", minutes=30),
                                  train.transformer.HPARAMS)
     assert said.startswith("preset: none")
-
-
-def test_a_resumed_timed_run_trains_the_time_it_had_left(tmp_path):
-    """Stopped after 3,000 steps (seconds) of a 30 s budget, then resumed: the run's wall
-    time, both calls' time in train, stays within the budget (a resumed run given the whole
-    budget again would overrun it by the first call's time), and the steps go on."""
-    config = tiny_config(tmp_path, minutes=0.5)
-    first = train.train(config, TINY, stop_at=3000)
-    assert first["step"] == 3000 and first["wall_s"] > 3
-    meta = train.train(config._replace(resume=train.params_paths(
-        config.params_dir, first["run_hash"])[0]), TINY)
-    assert meta["step"] > 3000 and 0.9 * 30 <= meta["wall_s"] <= 1.03 * 30
-    assert checkpoint.load(train.params_paths(config.params_dir, first["run_hash"])[0]
-                           ).meta["step"] == meta["step"]
 
 
 @pytest.mark.parametrize("minutes, message", [
