@@ -84,9 +84,11 @@ def test_top_k_1_is_greedy_and_top_k_restricts_choices():
         params, context, jax.random.PRNGKey(3), 30)
     apply = jax.jit(transformer.build(TINY, VOCAB_SIZE).apply, static_argnums=3)
     ids = list(context)
-    for _ in range(30):
-        logits = apply(params, None, jnp.asarray(ids[-TINY.max_seq_len:])[None], False)
-        ids.append(int(jnp.argmax(logits[0, -1])))
+    for _ in range(30):  # each window padded after its end, unseen (causal): one shape
+        window = ids[-TINY.max_seq_len:]
+        padded = np.pad(window, (0, TINY.max_seq_len - len(window)))
+        logits = apply(params, None, jnp.asarray(padded)[None], False)
+        ids.append(int(jnp.argmax(logits[0, len(window) - 1])))
     assert greedy[0].tolist() == ids[len(context):]
 
     logits = jnp.log(jnp.array([[0.1, 0.2, 0.3, 0.4]]))
@@ -356,9 +358,11 @@ def test_temperature_and_top_k_on_the_command_line_change_the_text(tiny_run, cap
     apply = jax.jit(transformer.build(ckpt.hparams, len(ckpt.vocab)).apply, static_argnums=3)
     context = "En un lugar"
     ids = list(np.asarray(__import__("data").encode(context, ckpt.vocab)))
-    for _ in range(30):
-        window = jnp.asarray([ids[-ckpt.hparams.max_seq_len:]], jnp.int32)
-        ids.append(int(np.argmax(apply(ckpt.params, None, window, False)[0, -1])))
+    S = ckpt.hparams.max_seq_len
+    for _ in range(30):  # each window padded after its end, unseen (causal): one shape
+        window = ids[-S:]
+        padded = jnp.asarray([window + [0] * (S - len(window))], jnp.int32)
+        ids.append(int(np.argmax(apply(ckpt.params, None, padded, False)[0, len(window) - 1])))
     greedy = context + "".join(ckpt.vocab[i] for i in ids[len(context):]) + "\n"
 
     def sample(*args):
