@@ -25,8 +25,8 @@ def test_a_timed_run_keeps_its_budget_through_a_resume_and_ends_at_its_final_rat
     wall time, both calls' time in train, stays within a few percent of the budget (a
     resumed run given the whole budget again would overrun it by the first call's time);
     it evaluated first, where it resumed, and last (the 2-minute recipe's single
-    evaluation), the steps went on, and the last update's rates are the schedules' ends (cosine to learning_rate *
-    min_lr_ratio)."""
+    evaluation), the steps went on, and the last update's rates are the schedules' ends
+    (cosine to learning_rate * min_lr_ratio)."""
     config = tiny_config(tmp_path, minutes=0.5, schedule="cosine", min_lr_ratio=0.1,
                          learning_rate=3e-3, optimizer="muon", muon_learning_rate=0.02,
                          max_iters=10)  # max_iters: not a bound of a timed run

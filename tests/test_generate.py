@@ -17,18 +17,22 @@ from conftest import TINY, run_command, run_script, within
 VOCAB_SIZE = 12
 
 
+def last_logits(apply, params, windows: np.ndarray, S: int) -> jax.Array:
+    """apply's logits [B, V] at the last position of windows [B, <= S], each padded after its
+    end to S, which a causal model's last position does not see: one compiled shape."""
+    padded = np.pad(windows, ((0, 0), (0, S - windows.shape[1])))                # [B, S]
+    return apply(params, None, jnp.asarray(padded), False)[:, windows.shape[1] - 1]
+
+
 def reference_sample(params, hp, context_ids, key, num_chars, temperature=1.0, top_k=None,
                      num_samples=1, top_p=None, min_p=None):
     """The plain sampler: a full forward pass over the last max_seq_len ids per character, for
     num_samples streams side by side (character i of every stream drawn with fold_in(key, i)).
-    -> [num_samples, num_chars] ids. A window shorter than max_seq_len is padded after its
-    end, which a causal model's last position does not see: one compiled shape."""
+    -> [num_samples, num_chars] ids."""
     apply = jax.jit(transformer.build(hp, VOCAB_SIZE).apply, static_argnums=3)
     ids = np.tile(np.asarray(context_ids, np.int32), (num_samples, 1))       # [B, T]
     for i in range(num_chars):
-        window = ids[:, -hp.max_seq_len:]                                     # [B, <= S]
-        padded = np.pad(window, ((0, 0), (0, hp.max_seq_len - window.shape[1])))  # [B, S]
-        logits = apply(params, None, jnp.asarray(padded), False)[:, window.shape[1] - 1]
+        logits = last_logits(apply, params, ids[:, -hp.max_seq_len:], hp.max_seq_len)  # [B, V]
         token = sampling.sample_logits(jax.random.fold_in(key, i), logits, temperature, top_k,
                                        top_p, min_p)
         ids = np.concatenate([ids, np.asarray(token)[:, None]], axis=1)
@@ -84,11 +88,10 @@ def test_top_k_1_is_greedy_and_top_k_restricts_choices():
         params, context, jax.random.PRNGKey(3), 30)
     apply = jax.jit(transformer.build(TINY, VOCAB_SIZE).apply, static_argnums=3)
     ids = list(context)
-    for _ in range(30):  # each window padded after its end, unseen (causal): one shape
-        window = ids[-TINY.max_seq_len:]
-        padded = np.pad(window, (0, TINY.max_seq_len - len(window)))
-        logits = apply(params, None, jnp.asarray(padded)[None], False)
-        ids.append(int(jnp.argmax(logits[0, len(window) - 1])))
+    for _ in range(30):
+        logits = last_logits(apply, params, np.asarray([ids[-TINY.max_seq_len:]]),
+                             TINY.max_seq_len)
+        ids.append(int(jnp.argmax(logits[0])))
     assert greedy[0].tolist() == ids[len(context):]
 
     logits = jnp.log(jnp.array([[0.1, 0.2, 0.3, 0.4]]))
@@ -134,23 +137,22 @@ def test_chunked_sampling_equals_reference_through_chunks_steps_and_a_full_windo
 def test_generate_prints_context_then_seeded_sample(tiny_run, tmp_path, capsys):
     context = tmp_path / "context.txt"
     context.write_text("En un lugar", encoding="utf-8")
-    generate = lambda *args: run_command(capsys, "generate.py", f"--params={tiny_run['best']}",
-                                         *args)
+    run = lambda *args: run_command(capsys, "generate.py", f"--params={tiny_run['best']}", *args)
     args = [f"--context_file={context}", "--num_chars=50", "--prng_seed=5"]
-    (status, first, err), (_, second, _) = generate(*args), generate(*args)
+    (status, first, err), (_, second, _) = run(*args), run(*args)
     assert status == 0, err
     assert first == second
     assert first.startswith("En un lugar") and len(first) == 11 + 50 + 1
     assert "seed 5" in err and "params" in err
-    assert generate(*args[:-1], "--prng_seed=6")[1] != first
-    assert generate("--context=En un lugar", "--num_chars=50", "--prng_seed=5") == (0, first, err)
+    assert run(*args[:-1], "--prng_seed=6")[1] != first
+    assert run("--context=En un lugar", "--num_chars=50", "--prng_seed=5") == (0, first, err)
 
     empty = tmp_path / "empty.txt"
     empty.write_text("", encoding="utf-8")
-    status, out, _ = generate(f"--context_file={empty}", "--num_chars=5", "--prng_seed=1")
+    status, out, _ = run(f"--context_file={empty}", "--num_chars=5", "--prng_seed=1")
     assert status == 0 and out.startswith("\n")
 
-    status, out, _ = generate(*args, "--num_samples=3")
+    status, out, _ = run(*args, "--num_samples=3")
     assert status == 0 and out.count("--- sample") == 3
 
 
@@ -359,10 +361,8 @@ def test_temperature_and_top_k_on_the_command_line_change_the_text(tiny_run, cap
     context = "En un lugar"
     ids = list(np.asarray(__import__("data").encode(context, ckpt.vocab)))
     S = ckpt.hparams.max_seq_len
-    for _ in range(30):  # each window padded after its end, unseen (causal): one shape
-        window = ids[-S:]
-        padded = jnp.asarray([window + [0] * (S - len(window))], jnp.int32)
-        ids.append(int(np.argmax(apply(ckpt.params, None, padded, False)[0, len(window) - 1])))
+    for _ in range(30):
+        ids.append(int(np.argmax(last_logits(apply, ckpt.params, np.asarray([ids[-S:]]), S)[0])))
     greedy = context + "".join(ckpt.vocab[i] for i in ids[len(context):]) + "\n"
 
     def sample(*args):
