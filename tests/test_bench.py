@@ -12,7 +12,7 @@ import bench
 import recipes
 import train
 import transformer
-from conftest import TINY, run_command, run_script
+from conftest import TINY, environment, run_command, run_script
 
 TINY_ARGS = [f"--{name}={value}" for name, value in TINY._asdict().items()]
 
@@ -126,7 +126,7 @@ def test_bench_times_the_presets_optimizer_unless_told_another():
     preset train.py's CONFIG (Muon); --optimizer chooses."""
     import train
 
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = environment()
 
     def timed(*args):
         result = run_script("bench.py", *args, *TINY_ARGS, "--batch_size=2", "--train_steps=1",

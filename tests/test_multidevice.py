@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from conftest import ROOT, run_command, run_script
+from conftest import ROOT, environment, run_command, run_script
 
 SCRIPT = r"""
 import json, sys
@@ -57,7 +57,7 @@ print(json.dumps({
 
 
 def run_on(devices: int, tmp_path) -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = environment(devices)
     out_dir = tmp_path / f"devices{devices}"
     result = subprocess.run([sys.executable, "-c", SCRIPT, str(out_dir)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
@@ -82,7 +82,7 @@ def test_four_devices_train_like_one(tmp_path):
 
 
 def test_batch_not_divisible_by_devices_is_a_clear_error():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = environment(4)
     result = run_script("train.py", "--batch_size=6", "--aim=False", env=env)
     assert result.returncode == 2
     assert "--batch_size=6 is not divisible by the 4 devices" in result.stderr
@@ -176,7 +176,7 @@ def test_one_cpu_host_splits_an_adamw_batch_over_its_cores(tmp_path):
     from conftest import CORPUS, TINY
 
     cores = len(os.sched_getaffinity(0))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = environment()
     per_core = max(n for n in (1, 2, 4, 8) if n <= cores)  # as many as divide the batches
     cases = [({"optimizer": "adamw"}, per_core), ({"optimizer": "muon"}, 1),
              ({"optimizer": "adamw", "cpu_devices": 1}, 1),

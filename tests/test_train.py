@@ -69,9 +69,12 @@ def test_both_params_files_hold_their_steps(tiny_run):
                                           latest.meta["run_hash"]))
 
 
-def val_loss_of(ckpt: checkpoint.Checkpoint) -> float:
+def val_loss_of(ckpt: checkpoint.Checkpoint, eval_chars: int | None = None) -> float:
+    """The validation loss of the params file: of the whole split, or of the sample of
+    eval_chars characters that a run's evaluation reads."""
     ids = evaluation.data.encode(evaluation.data.read_text(CORPUS), ckpt.vocab)
-    _, val = metrics.split_windows(ids, min(metrics.EVAL_SEQ_LEN, TINY.max_seq_len))
+    _, val = metrics.split_windows(ids, min(metrics.EVAL_SEQ_LEN, TINY.max_seq_len),
+                                   eval_chars)
     window_loss = metrics.make_window_loss(transformer.build(ckpt.hparams, len(ckpt.vocab)))
     return metrics.mean_loss(window_loss, ckpt.params, data.batch_windows(val, 512))
 
@@ -118,8 +121,10 @@ def test_ema_run_keeps_the_average_as_its_best_and_resumes_it(tmp_path):
     latest, best = (checkpoint.load(path)
                     for path in train.params_paths(config.params_dir, whole["run_hash"]))
     assert best.meta["min_val_step"] == 20 == latest.meta["step"]
-    assert val_loss_of(best) == pytest.approx(best.meta["min_val_loss"], rel=1e-5)
-    assert val_loss_of(latest) != pytest.approx(best.meta["min_val_loss"], rel=1e-3)
+    assert val_loss_of(best, config.eval_chars) == pytest.approx(best.meta["min_val_loss"],
+                                                                 rel=1e-5)
+    assert val_loss_of(latest, config.eval_chars) != pytest.approx(best.meta["min_val_loss"],
+                                                                   rel=1e-3)
     first = train.train(config, TINY, stop_at=10)
     resumed = train.train(config._replace(resume=train.params_paths(
         config.params_dir, first["run_hash"])[0]), transformer.HPARAMS)
@@ -754,7 +759,7 @@ def test_ema_logs_both_losses_of_the_averaged_params(tmp_path):
     meta = train.train(config, TINY)
     best = checkpoint.load(train.params_paths(config.params_dir, meta["run_hash"])[1])
     ids = data.encode(data.read_text(CORPUS), best.vocab)
-    train_windows, val_windows = metrics.split_windows(ids, TINY.max_seq_len)
+    train_windows, val_windows = metrics.split_windows(ids, TINY.max_seq_len, config.eval_chars)
     window_loss = metrics.make_window_loss(transformer.build(TINY, len(best.vocab)))
     for name, windows in (("train_loss", train_windows), ("val_loss", val_windows)):
         loss = metrics.mean_loss(window_loss, best.params,
