@@ -115,6 +115,7 @@ def param_count(hp: transformer.HParams, vocab_size: int) -> int:
     D, F, V, S = hp.d_model, hp.d_ff, vocab_size, hp.max_seq_len
     layer_norm = 2 * D
     attention = layer_norm + 4 * (D * D + D)          # LN, then q, k, v, out projections
+    attention += (D * hp.h + hp.h) if hp.attention_gate else 0  # a gate per head
     feed_forward = layer_norm + D * F + F + F * D + D  # LN, then D -> F -> D
     blocks = reader.attention_blocks(hp)
     return (V * D + (S * D if hp.positions == "learned" else 0)     # embeddings

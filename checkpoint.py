@@ -46,6 +46,7 @@ ORIGINAL_HPARAMS = dict(
     positions="learned",
     attention_window=None,
     stochastic_depth=0.0,
+    attention_gate=False,
 )
 
 # The only globals a params file may name: how numpy pickles arrays and dtypes

@@ -14,7 +14,8 @@ here, with the measurement behind it (docs/benchmarks.md for the whole-model fig
   in_bands          windowed attention over a long sequence in W-blocks, each over its
                     own keys and the previous block's: T * 2W scores instead of T^2 (eval's
                     pass over the 103,097 validation characters: 0.1 GB a head, not 42).
-  dropout           8 random bits per element instead of hk.dropout's 32.
+  dropout           8 random bits per element instead of hk.dropout's 32; drop_branch,
+                    stochastic depth's: a residual branch dropped for a whole sequence.
 
 and which precision to train in: choose_compute_dtype.
 """
@@ -275,3 +276,12 @@ def dropout(x: jax.Array, rate: float, is_training: bool) -> jax.Array:
     bytes_ = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(-1)[:x.size]
     keep = bytes_.reshape(x.shape) >= drop
     return jnp.where(keep, x * (256 / (256 - drop)), 0).astype(x.dtype)
+
+
+def drop_branch(out: jax.Array, rate: float, is_training: bool) -> jax.Array:
+    """Stochastic depth (Huang et al. 2016): while training, a residual branch's output
+    [B, T, D] is dropped for a whole sequence at `rate`, the kept ones scaled by 1/(1-rate)
+    (B draws: hk.dropout's own)."""
+    if not is_training or rate == 0:
+        return out
+    return hk.dropout(hk.next_rng_key(), rate, out, broadcast_dims=(1, 2))

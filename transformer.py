@@ -43,6 +43,8 @@ class HParams(NamedTuple):
                                 # before it (None: all). With rotary: a streaming model
     stochastic_depth: float = 0.0  # while training, drop a sequence's residual branches of
                                 # the last layer at this rate, of layer i of N at (i+1)/N of it
+    attention_gate: bool = False  # scale each head's output by a sigmoid gate of the block's
+                                # input (Qiu et al. 2025, "Gated Attention for LLMs")
 
 
 HPARAMS = HParams()
@@ -165,6 +167,8 @@ class Attention(hk.Module):
             out = kernels.in_bands(attend, q, k, v, positions, W, rate > 0)
         else:
             out = attend(q, k, v, positions, positions)
+        if self.hp.attention_gate:  # each head's output times sigmoid(x W + b), in (0, 1)
+            out = out * jax.nn.sigmoid(Linear(self.hp.h, name="gate")(x))[..., None]
         out = Linear(D, name="out")(out.reshape(B, T, D))               # [B, T, D]
         return kernels.dropout(out, self.hp.dropout, is_training), cache
 
@@ -179,17 +183,10 @@ def feed_forward(x: jax.Array, hp: HParams, is_training: bool) -> jax.Array:
                            is_training)                                   # [B, T, D]
 
 
-def drop_branch(out: jax.Array, rate: float, is_training: bool) -> jax.Array:
-    """Stochastic depth (Huang et al. 2016): while training, a residual branch's output
-    [B, T, D] is dropped for a whole sequence at `rate`, the kept ones scaled by 1/(1-rate)."""
-    if not is_training or rate == 0:
-        return out
-    return hk.dropout(hk.next_rng_key(), rate, out, broadcast_dims=(1, 2))
-
-
 class Layer(hk.Module):
     """Pre-norm layer: x + SelfAttention(LN(x)) [+ CrossAttention(LN(x), memory)] + FF(LN(x));
-    each branch dropped whole for a sequence at `drop_rate` while training (drop_branch)."""
+    each branch dropped whole for a sequence at `drop_rate` while training
+    (kernels.drop_branch)."""
 
     def __init__(self, hp: HParams, name: str, drop_rate: float = 0.0):
         super().__init__(name=name)
@@ -200,7 +197,7 @@ class Layer(hk.Module):
         """x [B, T, D] -> ([B, T, D], cache: {"self": ..., "cross": ...} or None)."""
         cache = cache or {}
         new_cache = {}
-        branch = lambda out: drop_branch(out, self.drop_rate, is_training)
+        branch = lambda out: kernels.drop_branch(out, self.drop_rate, is_training)
         out, new_cache["self"] = Attention(self.hp, "self_attention")(
             layer_norm("ln_self")(x), positions, is_training, cache.get("self"))
         x = x + branch(out)

@@ -125,6 +125,7 @@ def expected_param_count(hp: transformer.HParams, vocab_size: int) -> int:
     D, F, V, S = hp.d_model, hp.d_ff, vocab_size, hp.max_seq_len
     layer_norm = 2 * D                          # scale and offset
     attention = 4 * (D * D + D)                 # query, key, value, out: weights and biases
+    attention += hp.attention_gate * (D * hp.h + hp.h)  # the gate: a weight and bias a head
     feed_forward = D * F + F + F * D + D        # ff_in, ff_out
     layer = 2 * layer_norm + attention + feed_forward
     embeddings = V * D + (S * D if hp.positions == "learned" else 0)
@@ -155,7 +156,9 @@ def test_param_count_of_default_hparams():
     tiny(False, positions="sinusoidal"),
     tiny(True, positions="sinusoidal"),
     tiny(True, positions="rotary", attention_window=4),
-], ids=["decoder", "encoder1", "encoder2", "sinusoidal", "encoder_sinusoidal", "rotary"])
+    tiny(True, attention_gate=True),
+], ids=["decoder", "encoder1", "encoder2", "sinusoidal", "encoder_sinusoidal", "rotary",
+        "gated"])
 def test_param_count_matches_initialized_model(hp):
     """param_count and the independent formula both equal the initialized model's count."""
     actual = count(param_shapes(hp))
@@ -403,6 +406,39 @@ def test_feed_forward_applies_its_activation(activation, activate):
         return x + h @ ff_out["w"] + ff_out["b"]
 
     expected = by_hand(params, tokens, feed_forward)
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("attention_gate", [False, True])
+def test_self_attention_computes_causal_softmax_attention_and_its_gate(attention_gate):
+    """With the feed-forward branch zeroed, a one-layer model adds to x (the embeddings) the
+    attention of LN_self(x): per head softmax(q k / sqrt(K)) v over the positions up to each
+    query's, then with attention_gate each head's output times sigmoid(LN_self(x) Wg + bg),
+    then the out projection."""
+    hp = TINY._replace(decoder_N=1, attention_gate=attention_gate)
+    params = zeroed(random_params(hp), "ff_out")
+    tokens = random_tokens(6)
+    logits = jitted_apply(hp, False)(params, None, tokens)                  # [B, T, V]
+    H, K = hp.h, hp.d_model // hp.h
+
+    def attention(p, x):
+        block = lambda name: p[f"transformer/decoder_0/self_attention/{name}"]
+        ln = p["transformer/decoder_0/ln_self"]
+        h = layer_norm(x, ln["scale"], ln["offset"])                        # [B, T, D]
+        qkv = h @ block("query_key_value")["w"] + block("query_key_value")["b"]
+        B, T, _ = x.shape
+        q, k, v = np.split(qkv.reshape(B, T, 3 * H, K), 3, axis=2)          # [B, T, H, K]
+        scores = np.einsum("bthk,bshk->bhts", q, k) / np.sqrt(K)
+        scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        out = np.einsum("bhts,bshk->bthk", weights, v)                      # [B, T, H, K]
+        if attention_gate:
+            gate = h @ block("gate")["w"] + block("gate")["b"]              # [B, T, H]
+            out = out / (1 + np.exp(-gate))[..., None]
+        return x + out.reshape(B, T, H * K) @ block("out")["w"] + block("out")["b"]
+
+    expected = by_hand(params, tokens, attention)
     np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)
 
 
