@@ -141,8 +141,9 @@ def _chain(config, hidden: dict, learning_rate, weight_decay, muon_learning_rate
         to_compute_dtype = (optax.stateless(lambda g, _: optax.tree.cast(g, jnp.bfloat16))
                             if low else optax.identity())
         optimizer = optax.chain(clip, to_compute_dtype, optax.contrib.muon(
-            muon_learning_rate, weight_decay=weight_decay, adam_learning_rate=learning_rate,
-            adam_b2=config.beta2, muon_weight_dimension_numbers=muon_dims,
+            muon_learning_rate, ns_steps=config.muon_ns_steps, weight_decay=weight_decay,
+            adam_learning_rate=learning_rate, adam_b2=config.beta2,
+            muon_weight_dimension_numbers=muon_dims,
             mu_dtype=jnp.bfloat16 if low else None))
     if config.ema_decay == 0:
         return optimizer

@@ -37,6 +37,7 @@ ORIGINAL = Recipe(
         min_lr_ratio=0.1,
         optimizer="adamw",
         muon_learning_rate=0.02,
+        muon_ns_steps=5,
         weight_decay=0.1,
         weight_decay_final=None,
         beta2=0.99,
@@ -248,6 +249,8 @@ def check_config(config) -> None:
             raise UserError(f"--{name}={getattr(config, name)!r}: one of {', '.join(values)}.")
     if not config.muon_learning_rate > 0:
         raise UserError(f"--muon_learning_rate={config.muon_learning_rate}: must be > 0.")
+    if config.muon_ns_steps < 1:
+        raise UserError(f"--muon_ns_steps={config.muon_ns_steps}: must be >= 1.")
     if not 0 < config.decay_fraction <= 1:
         raise UserError(f"--decay_fraction={config.decay_fraction}: must be in (0, 1].")
     if not 0 <= config.ema_decay < 1:

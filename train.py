@@ -64,6 +64,8 @@ class Config(NamedTuple):
     optimizer: str = "muon"        # "adamw", or "muon": Muon on the hidden weight matrices,
                                    # AdamW (learning_rate) on embeddings, unembedding, biases, gains
     muon_learning_rate: float = 0.01  # "muon": the peak learning rate of its matrices
+    muon_ns_steps: int = 5         # "muon": Newton-Schulz iterations orthogonalizing each
+                                   # update of its matrices (fewer: cheaper, rougher)
     weight_decay: float = 0.3      # decoupled decay: AdamW's on matrices and embeddings;
                                    # Muon's on its matrices (none on its AdamW part)
     weight_decay_final: float | None = None  # None: weight_decay throughout; else the decay

@@ -29,7 +29,7 @@ def edits(tmp_path) -> tuple[dict, dict]:
     config = dict(
         batch_size=4, max_iters=4, learning_rate=2e-3, warmup_iters=2, schedule="cosine",
         decay_fraction=0.5, min_lr_ratio=0.2, optimizer="adamw", muon_learning_rate=0.03,
-        weight_decay=0.05, weight_decay_final=0.02, beta2=0.95, grad_clip=0.5,
+        muon_ns_steps=3, weight_decay=0.05, weight_decay_final=0.02, beta2=0.95, grad_clip=0.5,
         ahead_loss=0.2, ema_decay=0.9, batches="random", distill_weight=0.25,
         compute_dtype="float32", prng_seed=7, source_file=CORPUS, min_char_count=2,
         eval_interval=2, eval_batch_size=8, eval_chars=2000, cpu_devices=1, log_interval=2,
@@ -38,7 +38,7 @@ def edits(tmp_path) -> tuple[dict, dict]:
     hparams = dict(
         max_seq_len=12, d_model=24, h=2, d_ff=40, decoder_N=2, encoder_N=2, use_encoder=True,
         dropout=0.05, activation="relu2", positions="sinusoidal", attention_window=8,
-        stochastic_depth=0.1)
+        stochastic_depth=0.1, attention_gate=True)
     assert set(config) == set(train.Config._fields) - NOT_EDITED
     assert set(hparams) == set(transformer.HParams._fields)
     for written, edited in ((train.CONFIG, config), (transformer.HPARAMS, hparams)):

@@ -234,6 +234,7 @@ def test_resume_keeps_the_saved_config_under_new_arguments(tiny_run):
     (["--ema_decay=1"], "--ema_decay=1.0: must be in [0, 1)"),
     (["--weight_decay_final=-0.5"], "--weight_decay_final=-0.5: must be >= 0"),
     (["--eval_chars=0"], "--eval_chars=0: must be >= 1"),
+    (["--muon_ns_steps=0"], "--muon_ns_steps=0: must be >= 1"),
     (["--min_char_count=0"], "--min_char_count=0: must be >= 1"),
 ])
 def test_bad_command_lines_exit_2_without_traceback(args, message, capsys):
@@ -651,6 +652,34 @@ def test_muon_orthogonalizes_hidden_matrices_and_adamw_takes_the_rest(compute_dt
         for name, value in leaves.items():
             factor = 1.0 if _is_adamw_part(module, name) else 1 - 0.02 * 0.5
             np.testing.assert_allclose(new[module][name], value * factor, rtol=1e-6)
+
+
+@pytest.mark.parametrize("ns_steps", [1, 3])
+def test_muon_ns_steps_is_the_number_of_newton_schulz_iterations(ns_steps):
+    """A hidden matrix's first Muon update is parallel to muon_ns_steps iterations of the
+    quintic Newton-Schulz map X -> a X + (b A + c A^2) X, A = X X^T, from its gradient
+    (Nesterov momentum's first step is a multiple of it) scaled to unit norm, on the wide
+    orientation; computed in numpy."""
+    config = original_config()._replace(optimizer="muon", muon_ns_steps=ns_steps,
+                                        warmup_iters=0, weight_decay=0.0, grad_clip=0.0,
+                                        compute_dtype="float32")
+    params = _tiny_params()
+    grads = jax.tree.map(lambda x: jax.random.normal(jax.random.PRNGKey(x.size), x.shape),
+                         params)
+    optimizer = make_optimizer(config, _tiny_loss())
+    updates, _ = jax.jit(optimizer.update)(grads, optimizer.init(params), params)
+    a, b, c = 3.4445, -4.7750, 2.0315  # Muon's coefficients (Jordan et al. 2024)
+    for module, leaves in params.items():
+        if _is_adamw_part(module, "w") or "w" not in leaves:
+            continue
+        g = np.asarray(grads[module]["w"], np.float64)
+        x = g.T if g.shape[0] > g.shape[1] else g
+        x = x / np.linalg.norm(x)
+        for _ in range(ns_steps):
+            x = a * x + (b * (x @ x.T) + c * (x @ x.T) @ (x @ x.T)) @ x
+        x = x.T if g.shape[0] > g.shape[1] else x
+        u = -np.asarray(updates[module]["w"], np.float64)
+        np.testing.assert_allclose(u / np.linalg.norm(u), x / np.linalg.norm(x), atol=2e-5)
 
 
 def shuffled_batch(key, step, ids, batch_size, seq_len):
