@@ -151,7 +151,8 @@ def test_on_a_gpu_the_first_lines_name_the_gpu_recipe(monkeypatch):
 def test_config_and_hparams_as_written_are_the_shipped_cervantes_recipe():
     """`python train.py` reproduces the run of the shipped Cervantes params: its saved config
     and HPARAMS, apart from the preset's name, and fields added since (at values that train
-    the same: every validation character, Muon's one device, no budget)."""
+    the same: every validation character, Muon's one device, no budget, optax's five
+    Newton-Schulz iterations)."""
     ckpt = checkpoint.load(checkpoint.DEFAULT_PARAMS)
     config, hparams, said = recipes.resolve([], train.CONFIG, transformer.HPARAMS)
     assert said.startswith("preset: none")
@@ -159,7 +160,7 @@ def test_config_and_hparams_as_written_are_the_shipped_cervantes_recipe():
     saved = {k: v for k, v in ckpt.meta["config"].items() if k != "preset"}
     assert {k: v for k, v in config._asdict().items() if k in saved} == saved
     assert set(config._fields) - set(saved) == {"preset", "minutes", "min_char_count",
-                                                "eval_chars", "cpu_devices"}
+                                                "eval_chars", "cpu_devices", "muon_ns_steps"}
     assert train.Config(**recipes.CPU.config) == train.CONFIG
     assert transformer.HParams(**recipes.CPU.hparams) == transformer.HPARAMS
 
