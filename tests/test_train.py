@@ -676,7 +676,8 @@ def test_muon_ns_steps_is_the_number_of_newton_schulz_iterations(ns_steps):
         x = g.T if g.shape[0] > g.shape[1] else g
         x = x / np.linalg.norm(x)
         for _ in range(ns_steps):
-            x = a * x + (b * (x @ x.T) + c * (x @ x.T) @ (x @ x.T)) @ x
+            A = x @ x.T
+            x = a * x + (b * A + c * A @ A) @ x
         x = x.T if g.shape[0] > g.shape[1] else x
         u = -np.asarray(updates[module]["w"], np.float64)
         np.testing.assert_allclose(u / np.linalg.norm(u), x / np.linalg.norm(x), atol=2e-5)
