@@ -165,11 +165,13 @@ def average_params(decay: float) -> optax.GradientTransformation:
 
 def evaluated_params(config, params: hk.Params, opt_state) -> hk.Params:
     """What evaluation scores and the min-validation file keeps: the params or, with
-    ema_decay, their debiased moving average (the averaged state is the optimizer's last)."""
+    ema_decay, their debiased moving average (the averaged state is the optimizer's last);
+    before the first step, when the average is empty, the params."""
     if config.ema_decay == 0:
         return params
     average = (opt_state.inner_state if config.minutes else opt_state)[-1]
-    return optax.tree.bias_correction(average.ema, config.ema_decay, average.count)
+    debiased = optax.tree.bias_correction(average.ema, config.ema_decay, average.count)
+    return jax.tree.map(lambda a, p: jnp.where(average.count > 0, a, p), debiased, params)
 
 
 def current_rates(config, opt_state, step: int) -> dict[str, float]:

@@ -113,6 +113,18 @@ def test_ema_evaluates_the_debiased_average_of_the_iterates(tmp_path):
     assert without is state.params
 
 
+@pytest.mark.parametrize("minutes", [0.0, 2.0])
+def test_ema_evaluates_the_params_themselves_before_the_first_step(tmp_path, minutes):
+    """A timed run evaluates at step 0, before there is an average: it scores the initial
+    params (debiasing an empty average divides 0 by 0)."""
+    config = tiny_config(tmp_path, ema_decay=0.995, minutes=minutes)
+    loss = hk.transform(tiny_loss(vocab_size=10))
+    state = train_step.init_state(0, loss, make_optimizer(config), TINY.max_seq_len)
+    evaluated = optimizer_module.evaluated_params(config, state.params, state.opt_state)
+    for x, y in zip(jax.tree.leaves(evaluated), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_ema_run_keeps_the_average_as_its_best_and_resumes_it(tmp_path):
     """A run with ema_decay evaluates the average: its min-validation file holds it (and
     scores its recorded loss), its latest file the iterate, and resuming continues both."""
