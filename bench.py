@@ -45,6 +45,7 @@ import kernels
 import metrics
 import objectives
 import optimizer as optim
+import position_encodings
 import reader
 import recipes
 import sampling
@@ -267,7 +268,7 @@ def bench_prefill(config, hp) -> dict:
     memory so far after each, which stays flat if memory does not grow with the context's
     length. The ids are seeded random: the cost does not depend on them."""
     params, hp, vocab_size = _sampling_params(config, hp)
-    if not transformer.is_streaming(hp):
+    if not position_encodings.is_streaming(hp):
         return {}
     params = reader.sampling_params(params)
     text_reader = reader.Reader(hp, vocab_size, config.prefill_chunk or reader.PREFILL_CHUNK)
@@ -289,7 +290,7 @@ def bench_generate(config, hp) -> dict:
     """A streaming model's `generate.py --num_chars=N` end to end (start-up, compiling and
     printing included), for N = generate_chars / 5 and generate_chars: chars/s and peak
     resident memory, whose two values show whether it stays flat. Needs --params."""
-    if not (config.params and transformer.is_streaming(hp)):
+    if not (config.params and position_encodings.is_streaming(hp)):
         return {}
     out = {}
     for run, num_chars in (("short", config.generate_chars // 5), ("long", config.generate_chars)):
@@ -464,7 +465,7 @@ def print_table(r: dict, hp, config) -> None:
                                      "bandwidth bound)"),
         (f"sample, cached, {config.num_samples} streams",
          f"{r['sample_batch_cached_chars_per_s']:.0f} chars/s in all"),
-        ("sample, past the window (cached)" if transformer.is_streaming(hp) else
+        ("sample, past the window (cached)" if position_encodings.is_streaming(hp) else
          "sample, window full (re-prefill)",
          f"{r['sample_full_window_chars_per_s']:.0f} chars/s ({100 * past_share:.0f}% of cached)"),
         ("sample, full forward per char", f"{r['sample_full_forward_chars_per_s']:.0f} chars/s"),

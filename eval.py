@@ -26,6 +26,7 @@ import checkpoint
 import data
 import encoding
 import metrics
+import position_encodings
 import reader
 import transformer
 from common import UserError, parse_overrides, run_main
@@ -79,7 +80,7 @@ def evaluate(ckpt: checkpoint.Checkpoint, config: Config) -> dict:
     train_loss = metrics.mean_loss(window_loss, params, batches(train), "train_loss")
     extra = {}
     _, val_ids = data.split(ids)
-    if transformer.is_streaming(ckpt.hparams):
+    if position_encodings.is_streaming(ckpt.hparams):
         extra["val_loss_stream"] = round(stream_loss(ckpt, val_ids), 4)
     if metrics.takes(ckpt.hparams, metrics.NANOGPT_SEQ_LEN):
         windows = data.eval_windows(val_ids, metrics.NANOGPT_SEQ_LEN)

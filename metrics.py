@@ -11,6 +11,7 @@ import optax
 from tqdm import tqdm
 
 import data
+import position_encodings
 import transformer
 
 EVAL_SEQ_LEN = 128  # the project's metric: windows of 128 characters, whatever max_seq_len
@@ -25,7 +26,7 @@ def window_len(hp: transformer.HParams) -> int:
 
 def takes(hp: transformer.HParams, length: int) -> bool:
     """Whether the model reads `length` positions in one pass."""
-    return transformer.is_streaming(hp) or hp.max_seq_len >= length
+    return position_encodings.is_streaming(hp) or hp.max_seq_len >= length
 
 
 def position_losses(model: hk.Transformed, params, batch: data.Windows) -> jax.Array:

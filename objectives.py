@@ -28,6 +28,7 @@ import optax
 
 import checkpoint
 import kernels
+import position_encodings
 import reader
 import transformer
 from common import UserError
@@ -127,10 +128,10 @@ def make_teachers(paths: str, vocab: str, seq_len: int, train_ids: np.ndarray) -
     params, reads = [], []
     for path, teacher in zip(paths.split(","), teachers):
         hp = teacher.hparams
-        if not transformer.is_streaming(hp) and hp.max_seq_len < seq_len:
+        if not position_encodings.is_streaming(hp) and hp.max_seq_len < seq_len:
             raise UserError(f"--teachers: {path!r} reads {hp.max_seq_len} characters, fewer "
                             f"than the student's windows of {seq_len}.")
-        if transformer.is_streaming(hp) and tables > 0:
+        if position_encodings.is_streaming(hp) and tables > 0:
             tables -= 1
             logits = reader.next_logits(hp, len(vocab), teacher.params, train_ids[:-1])
             params.append(np.asarray(jax.nn.softmax(logits)))                  # [N - 1, V]

@@ -1,6 +1,6 @@
 """How positions enter the model (transformer.py): learned embeddings or the fixed sinusoidal
 table added to the token embeddings (add), or rotary angles (exact at any position) that turn
-queries and keys."""
+queries and keys; with a window, rotary positions make a streaming model (is_streaming)."""
 
 import haiku as hk
 import jax
@@ -9,6 +9,13 @@ import numpy as np
 
 
 EMBED_INIT = hk.initializers.TruncatedNormal(0.02)  # token and learned position embeddings
+
+
+def is_streaming(hp) -> bool:
+    """Rotary positions and a window (transformer.HParams): each layer sees the last W
+    positions, relatively, so the model reads any length, one cached step a character
+    (reader.py)."""
+    return hp.positions == "rotary" and hp.attention_window is not None
 
 
 def add(x: jax.Array, positions: jax.Array, kind: str, max_seq_len: int) -> jax.Array:

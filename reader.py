@@ -1,7 +1,7 @@
 """Reading a text through the model: the one answer to "what does character i see?".
 
 Character i is predicted from what the model's sampler would show it:
-- a streaming model (rotary positions, attention window W; transformer.is_streaming): every
+- a streaming model (rotary positions, attention window W; position_encodings.is_streaming): every
   character before it. Only the last receptive_field of them can matter (each layer looks
   W - 1 positions further back), so a text of any length reads in bounded memory: a context
   through ring buffers of W positions (kv_cache.RingCache), one cached step per character
@@ -29,6 +29,7 @@ import numpy as np
 
 import kernels
 import kv_cache
+import position_encodings
 import transformer
 
 PREFILL_CHUNK = 256  # context characters per jitted call of a streaming model's prefill
@@ -66,7 +67,7 @@ def attention_blocks(hp: transformer.HParams) -> dict[str, tuple[str, ...]]:
 def empty_cache(hp: transformer.HParams, batch_size: int) -> dict:
     """Empty caches for every attention block of the model: ring buffers of W positions for a
     streaming model, else max_seq_len slots."""
-    streaming = transformer.is_streaming(hp)
+    streaming = position_encodings.is_streaming(hp)
     return kv_cache.init_cache(attention_blocks(hp), batch_size, hp.h, hp.d_model // hp.h,
                                hp.attention_window if streaming else hp.max_seq_len, streaming)
 
@@ -97,7 +98,7 @@ class Reader:
     def __init__(self, hp: transformer.HParams, vocab_size: int,
                  prefill_chunk: int = PREFILL_CHUNK):
         self.hp, self.prefill_chunk = hp, prefill_chunk
-        self.streaming = transformer.is_streaming(hp)
+        self.streaming = position_encodings.is_streaming(hp)
         self.cached = transformer.build_cached(hp, vocab_size)
         self.last_logits = build_last_logits(hp, vocab_size)
         options = compiler_options()
@@ -193,7 +194,7 @@ def make_window_logits(hp: transformer.HParams, vocab_size: int, seq_len: int):
     next_logits' of the whole text (up to rounding); any other model reads the window alone,
     as it was trained (positions 0..seq_len-1, seq_len at most max_seq_len)."""
     model = transformer.build(hp, vocab_size)
-    context = receptive_field(hp) if transformer.is_streaming(hp) else 0
+    context = receptive_field(hp) if position_encodings.is_streaming(hp) else 0
 
     def window_logits(params, ids, starts):
         low = jnp.maximum(starts - context, 0)                                # [B]
@@ -209,7 +210,7 @@ def make_window_logits(hp: transformer.HParams, vocab_size: int, seq_len: int):
 def iter_next_logits(hp: transformer.HParams, vocab_size: int, params, ids: np.ndarray,
                      batch_size: int = 64) -> Iterator[np.ndarray]:
     """next_logits in consecutive pieces [n, V], in bounded memory."""
-    S, streaming = hp.max_seq_len, transformer.is_streaming(hp)
+    S, streaming = hp.max_seq_len, position_encodings.is_streaming(hp)
     params = jax.device_put(params)
     if streaming:
         chunk, context = STREAM_CHUNK, receptive_field(hp)

@@ -79,12 +79,6 @@ def validate(hp: HParams) -> HParams:
     return hp
 
 
-def is_streaming(hp: HParams) -> bool:
-    """Rotary positions and a window: each layer sees the last W positions, relatively, so
-    the model reads any length, one cached step a character (reader.py)."""
-    return hp.positions == "rotary" and hp.attention_window is not None
-
-
 def visible(query_positions: jax.Array, key_positions: jax.Array, window: int | None):
     """The mask [T, S]: whether each query sees each key. A query sees the keys at its own
     position and before it (causal) and, with a window W, fewer than W positions before it."""
@@ -229,7 +223,7 @@ class Transformer(hk.Module):
         hp = self.hp
         B, T = tokens.shape
         last = start + T if isinstance(start, int) else T  # a traced start: unchecked
-        if not is_streaming(hp) and last > hp.max_seq_len:
+        if not position_encodings.is_streaming(hp) and last > hp.max_seq_len:
             raise ValueError(f"positions {start}..{start + T - 1} exceed HParams.max_seq_len="
                              f"{hp.max_seq_len} (sequence length T={T}).")
         positions = start + jnp.arange(T)                                   # [T]

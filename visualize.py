@@ -36,6 +36,7 @@ import checkpoint
 import data
 import encoding
 import metrics
+import position_encodings
 import reader
 import transformer
 from common import UserError, atomic_write, parse_overrides, run_main
@@ -121,7 +122,7 @@ def attention_maps(ckpt: checkpoint.Checkpoint, ids: np.ndarray,
     see attention_span). Each row sums to one and is zero where the query does not see the
     key."""
     hp = ckpt.hparams
-    streaming = transformer.is_streaming(hp)
+    streaming = position_encodings.is_streaming(hp)
     first = span[0] if streaming else 0
     ids = ids[: span[1]] if streaming else ids[span[0]:span[1]]
 
@@ -149,7 +150,7 @@ def attention_span(hp: transformer.HParams, num_chars: int, config: Config) -> t
     the text and, for a model that is not streaming, within one max_seq_len window."""
     start = min(config.attention_start, num_chars - 1)
     length = config.attention_chars
-    if not transformer.is_streaming(hp):
+    if not position_encodings.is_streaming(hp):
         length = min(length, hp.max_seq_len)
     return start, min(num_chars, start + length)
 

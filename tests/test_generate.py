@@ -9,6 +9,7 @@ import pytest
 
 import checkpoint
 import generate
+import position_encodings
 import transformer
 import reader
 import sampling
@@ -350,7 +351,7 @@ def test_every_valid_model_samples_as_the_plain_reference(hp):
     num_chars = 2 * hp.max_seq_len + 5
     sampled = sampling.Sampler(hp, VOCAB_SIZE).sample(params, context, key, num_chars)
     expected = (full_forward_sample(params, hp, context, key, sampled)
-                if transformer.is_streaming(hp) else
+                if position_encodings.is_streaming(hp) else
                 reference_sample(params, hp, context, key, num_chars))
     np.testing.assert_array_equal(sampled, expected)
 

@@ -11,6 +11,7 @@ import encoding
 import eval as evaluation
 import metrics
 import generate
+import position_encodings
 import recipes
 import train
 import transformer
@@ -30,7 +31,7 @@ def test_shipped_params_reproduce_their_recorded_validation_loss(preset, text):
     its target."""
     ckpt = checkpoint.load(checkpoint.SHIPPED_PARAMS[preset])
     assert ckpt.hparams == transformer.HParams(**recipes.PRESETS[preset].hparams)
-    assert transformer.is_streaming(ckpt.hparams)  # every sampled character one cached step
+    assert position_encodings.is_streaming(ckpt.hparams)  # every sampled character one cached step
     recipe = train.CONFIG._replace(**recipes.PRESETS[preset].config, preset=preset)._asdict()
     for name in ("preset", "batch_size", "max_iters", "optimizer", "learning_rate",
                  "muon_learning_rate", "weight_decay", "ema_decay", "batches"):
