@@ -120,6 +120,7 @@ def param_count(hp: transformer.HParams, vocab_size: int) -> int:
     feed_forward = layer_norm + D * F + F + F * D + D  # LN, then D -> F -> D
     blocks = reader.attention_blocks(hp)
     return (V * D + (S * D if hp.positions == "learned" else 0)     # embeddings
+            + (hp.decoder_N * V * D if hp.value_embeddings else 0)  # a table a layer
             + len(blocks) * feed_forward                            # one per layer
             + sum(map(len, blocks.values())) * attention            # self and cross
             + layer_norm + D * V + V)                               # final LN, unembedding

@@ -47,6 +47,7 @@ ORIGINAL_HPARAMS = dict(
     attention_window=None,
     stochastic_depth=0.0,
     attention_gate=False,
+    value_embeddings=False,
 )
 
 # The only globals a params file may name: how numpy pickles arrays and dtypes

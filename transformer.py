@@ -45,6 +45,8 @@ class HParams(NamedTuple):
                                 # the last layer at this rate, of layer i of N at (i+1)/N of it
     attention_gate: bool = False  # scale each head's output by a sigmoid gate of the block's
                                 # input (Qiu et al. 2025, "Gated Attention for LLMs")
+    value_embeddings: bool = False  # add to each decoder layer's values an embedding of the
+                                # token itself, a table per layer (modded-nanogpt's)
 
 
 HPARAMS = HParams()
@@ -120,10 +122,11 @@ class Attention(hk.Module):
         self.hp = hp
 
     @hk.experimental.name_like("__call__")  # its Linears keep their names (no "~project")
-    def project(self, x, positions, memory=None):
+    def project(self, x, positions, memory=None, values=None):
         """Queries, keys and values [B, T, H, K] of x [B, T, D] (keys and values: of memory,
-        if given), rotated by position if rotary. A method of its own for visualize.py,
-        which reads what each block scores through hk.intercept_methods."""
+        if given; `values` [B, T, D] added to the values), rotated by position if rotary. A
+        method of its own for visualize.py, which reads what each block scores through
+        hk.intercept_methods."""
         B, T, _ = x.shape
         H, K = self.hp.h, self.hp.d_model // self.hp.h
         # Fused projections: one wide matmul runs faster than three narrow ones.
@@ -134,19 +137,21 @@ class Attention(hk.Module):
             q = Linear(H * K, name="query")(x).reshape(B, T, H, K)      # [B, T, H, K]
             kv = Linear(2 * H * K, name="key_value")(memory)             # [B, T, 2HK]
             k, v = jnp.split(kv.reshape(B, T, 2 * H, K), 2, axis=2)        # [B, T, H, K]
+        if values is not None:  # value embeddings
+            v = v + values.reshape(B, T, H, K).astype(v.dtype)
         if self.hp.positions == "rotary":  # keys are cached rotated
             cos, sin = position_encodings.rotary_angles(positions, K)          # [T, K/2]
             q = position_encodings.rotate(q, cos, sin)
             k = position_encodings.rotate(k, cos, sin)
         return q, k, v
 
-    def __call__(self, x, positions, is_training, cache=None, memory=None):
+    def __call__(self, x, positions, is_training, cache=None, memory=None, values=None):
         """x [B, T, D] at `positions` [T] attends over itself (or memory, the encoder's
         output at the same positions) and what the cache holds -> (out [B, T, D], the cache
         updated: kv_cache.py; None without one)."""
         B, T, D = x.shape
         W = self.hp.attention_window
-        q, k, v = self.project(x, positions, memory)                      # [B, T, H, K]
+        q, k, v = self.project(x, positions, memory, values)              # [B, T, H, K]
         rate = self.hp.dropout if is_training else 0.0
 
         def attend(q, k, v, query_positions, key_positions):
@@ -187,13 +192,14 @@ class Layer(hk.Module):
         self.hp = hp
         self.drop_rate = drop_rate
 
-    def __call__(self, x, positions, is_training, memory=None, cache=None):
-        """x [B, T, D] -> ([B, T, D], cache: {"self": ..., "cross": ...} or None)."""
+    def __call__(self, x, positions, is_training, memory=None, cache=None, values=None):
+        """x [B, T, D] -> ([B, T, D], cache: {"self": ..., "cross": ...} or None); `values`
+        [B, T, D]: value embeddings for self-attention."""
         cache = cache or {}
         new_cache = {}
         branch = lambda out: kernels.drop_branch(out, self.drop_rate, is_training)
         out, new_cache["self"] = Attention(self.hp, "self_attention")(
-            layer_norm("ln_self")(x), positions, is_training, cache.get("self"))
+            layer_norm("ln_self")(x), positions, is_training, cache.get("self"), None, values)
         x = x + branch(out)
         if memory is not None:
             out, new_cache["cross"] = Attention(self.hp, "cross_attention")(
@@ -241,9 +247,11 @@ class Transformer(hk.Module):
                 h, positions, is_training, cache=cache and cache[f"encoder_{i}"])
             memories.append(h)
         for i in range(hp.decoder_N):
+            values = hk.Embed(self.vocab_size, hp.d_model, w_init=position_encodings.EMBED_INIT,
+                              name=f"value_embed_{i}")(tokens) if hp.value_embeddings else None
             x, new_cache[f"decoder_{i}"] = layer("decoder", i, hp.decoder_N)(
                 x, positions, is_training, memories[i] if i < len(memories) else None,
-                cache and cache[f"decoder_{i}"])
+                cache and cache[f"decoder_{i}"], values)                  # values [B, T, D]
         return layer_norm("ln_final")(x), new_cache
 
 

@@ -338,9 +338,10 @@ def test_streaming_sampler_reads_a_context_longer_than_the_window_whole():
     STREAMING._replace(attention_window=1),                        # streaming, a window of 1
     TINY._replace(max_seq_len=1),                                  # one position
     STREAMING._replace(use_encoder=True, attention_gate=True),     # gated heads, streaming
+    STREAMING._replace(value_embeddings=True),                     # value embeddings
 ], ids=["encoder_N=decoder_N", "one_layer_encoder", "streaming_encoder_N=decoder_N",
         "one_layer", "one_head", "window_1", "streaming_window_1", "max_seq_len_1",
-        "gated"])
+        "gated", "value_embeddings"])
 def test_every_valid_model_samples_as_the_plain_reference(hp):
     """Past the window, so that every path runs: cached steps, slides, the last layer's
     last-position pass (which cross-attends when encoder_N == decoder_N)."""

@@ -38,7 +38,7 @@ def edits(tmp_path) -> tuple[dict, dict]:
     hparams = dict(
         max_seq_len=12, d_model=24, h=2, d_ff=40, decoder_N=2, encoder_N=2, use_encoder=True,
         dropout=0.05, activation="relu2", positions="sinusoidal", attention_window=8,
-        stochastic_depth=0.1, attention_gate=True)
+        stochastic_depth=0.1, attention_gate=True, value_embeddings=True)
     assert set(config) == set(train.Config._fields) - NOT_EDITED
     assert set(hparams) == set(transformer.HParams._fields)
     for written, edited in ((train.CONFIG, config), (transformer.HPARAMS, hparams)):

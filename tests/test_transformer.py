@@ -129,6 +129,7 @@ def expected_param_count(hp: transformer.HParams, vocab_size: int) -> int:
     feed_forward = D * F + F + F * D + D        # ff_in, ff_out
     layer = 2 * layer_norm + attention + feed_forward
     embeddings = V * D + (S * D if hp.positions == "learned" else 0)
+    embeddings += hp.value_embeddings * hp.decoder_N * V * D  # a table per decoder layer
     encoder_N = hp.encoder_N if hp.use_encoder else 0
     cross = encoder_N * (layer_norm + attention)
     return (embeddings + (hp.decoder_N + encoder_N) * layer + cross
@@ -157,8 +158,9 @@ def test_param_count_of_default_hparams():
     tiny(True, positions="sinusoidal"),
     tiny(True, positions="rotary", attention_window=4),
     tiny(True, attention_gate=True),
+    tiny(True, value_embeddings=True),
 ], ids=["decoder", "encoder1", "encoder2", "sinusoidal", "encoder_sinusoidal", "rotary",
-        "gated"])
+        "gated", "value_embeddings"])
 def test_param_count_matches_initialized_model(hp):
     """param_count and the independent formula both equal the initialized model's count."""
     actual = count(param_shapes(hp))
@@ -409,13 +411,18 @@ def test_feed_forward_applies_its_activation(activation, activate):
     np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("attention_gate", [False, True])
-def test_self_attention_computes_causal_softmax_attention_and_its_gate(attention_gate):
+@pytest.mark.parametrize("attention_gate, value_embeddings",
+                         [(False, False), (True, False), (False, True)],
+                         ids=["plain", "gated", "value_embeddings"])
+def test_self_attention_computes_causal_softmax_attention_and_its_gate(attention_gate,
+                                                                       value_embeddings):
     """With the feed-forward branch zeroed, a one-layer model adds to x (the embeddings) the
     attention of LN_self(x): per head softmax(q k / sqrt(K)) v over the positions up to each
-    query's, then with attention_gate each head's output times sigmoid(LN_self(x) Wg + bg),
-    then the out projection."""
-    hp = TINY._replace(decoder_N=1, attention_gate=attention_gate)
+    query's (with value_embeddings, v plus the layer's table's row of each key's token),
+    then with attention_gate each head's output times sigmoid(LN_self(x) Wg + bg), then the
+    out projection."""
+    hp = TINY._replace(decoder_N=1, attention_gate=attention_gate,
+                       value_embeddings=value_embeddings)
     params = zeroed(random_params(hp), "ff_out")
     tokens = random_tokens(6)
     logits = jitted_apply(hp, False)(params, None, tokens)                  # [B, T, V]
@@ -428,6 +435,9 @@ def test_self_attention_computes_causal_softmax_attention_and_its_gate(attention
         qkv = h @ block("query_key_value")["w"] + block("query_key_value")["b"]
         B, T, _ = x.shape
         q, k, v = np.split(qkv.reshape(B, T, 3 * H, K), 3, axis=2)          # [B, T, H, K]
+        if value_embeddings:
+            table = p["transformer/value_embed_0"]["embeddings"]             # [V, D]
+            v = v + table[tokens].reshape(B, T, H, K)
         scores = np.einsum("bthk,bshk->bhts", q, k) / np.sqrt(K)
         scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
         weights = np.exp(scores - scores.max(-1, keepdims=True))
