@@ -43,6 +43,7 @@ import haiku as hk
 import common
 import kernels
 import metrics
+import model_checks
 import objectives
 import optimizer as optim
 import position_encodings
@@ -118,9 +119,11 @@ def param_count(hp: transformer.HParams, vocab_size: int) -> int:
     attention = layer_norm + 4 * (D * D + D)          # LN, then q, k, v, out projections
     attention += (D * hp.h + hp.h) if hp.attention_gate else 0  # a gate per head
     feed_forward = layer_norm + D * F + F + F * D + D  # LN, then D -> F -> D
+    feed_forward += (D * F + F) if hp.activation == "swiglu" else 0  # the gated half
     blocks = reader.attention_blocks(hp)
     return (V * D + (S * D if hp.positions == "learned" else 0)     # embeddings
             + (hp.decoder_N * V * D if hp.value_embeddings else 0)  # a table a layer
+            + (hp.decoder_N // 2 if hp.unet else 0)                 # a skip's weight
             + len(blocks) * feed_forward                            # one per layer
             + sum(map(len, blocks.values())) * attention            # self and cross
             + layer_norm + D * V + V)                               # final LN, unembedding
@@ -367,7 +370,7 @@ def resolve(argv) -> tuple[Config, transformer.HParams]:
             argv, CONFIG._replace(batch_size=recipe.config["batch_size"]),
             transformer.HPARAMS._replace(**recipe.hparams))
     try:
-        transformer.validate(hp)
+        model_checks.validate(hp)
     except ValueError as e:
         raise UserError(str(e)) from None
     prefill_lengths(config)  # checked here, before any section runs

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 import data
+import model_checks
 import transformer
 from common import UserError, atomic_write
 
@@ -48,6 +49,7 @@ ORIGINAL_HPARAMS = dict(
     stochastic_depth=0.0,
     attention_gate=False,
     value_embeddings=False,
+    unet=False,
 )
 
 # The only globals a params file may name: how numpy pickles arrays and dtypes
@@ -168,7 +170,7 @@ def _load(path: str) -> Checkpoint:
                               f"{FORMAT!r} expected).")
     try:
         _convert_legacy(payload)
-        hparams = transformer.validate(transformer.HParams(
+        hparams = model_checks.validate(transformer.HParams(
             **(ORIGINAL_HPARAMS | payload["hparams"])))
         params, vocab, meta = payload["params"], payload["vocab"], payload["meta"]
         opt_state, rng = payload["opt_state"], payload["rng"]

@@ -33,6 +33,7 @@ import data
 import encoding
 import kernels
 import metrics
+import model_checks
 import objectives
 import sampling
 import transformer
@@ -323,7 +324,7 @@ def main(argv, started: float | None = None) -> int:
             split_cpu_cores()
     check_config(config)
     try:
-        transformer.validate(hparams)
+        model_checks.validate(hparams)
     except ValueError as e:
         raise UserError(str(e)) from None
     print(f"devices: {mesh_devices(config)}\n{said}\n{gpu_hint(config)}config:\n"

@@ -19,13 +19,14 @@ import jax.numpy as jnp
 
 import kernels
 import kv_cache
+import model_checks
 import position_encodings
 from kernels import Linear
 
 
 class HParams(NamedTuple):
     """The model. `python train.py` trains these values as written: the shipped Cervantes
-    model's. A params file carries its own (checkpoint.py)."""
+    model's. A params file carries its own (checkpoint.py); model_checks.py checks them."""
     max_seq_len: int = 128      # training sequence length; without attention_window also the
                                 # context: positions 0..max_seq_len-1
     d_model: int = 256          # width of the residual stream (D)
@@ -35,8 +36,8 @@ class HParams(NamedTuple):
     encoder_N: int = 1          # encoder layers, used only when use_encoder (<= decoder_N)
     use_encoder: bool = False   # decoder layer i < encoder_N cross-attends to encoder layer i
     dropout: float = 0.1        # of embeddings, attention weights, branches (kernels.dropout)
-    activation: str = "relu"    # the feed-forward block's: "relu", or "relu2", its square
-                                # (So et al. 2021, "Primer"; modded-nanogpt's)
+    activation: str = "relu"    # the feed-forward block's: "relu"; "relu2", its square (So et
+                                # al. 2021, "Primer"); "swiglu" (Shazeer 2020): d_ff gated by d_ff
     positions: str = "rotary"   # "learned" embeddings, fixed "sinusoidal" encodings, or
                                 # "rotary": queries and keys rotated by position (RoPE)
     attention_window: int | None = 128  # W: a query sees itself and the W - 1 positions
@@ -47,38 +48,11 @@ class HParams(NamedTuple):
                                 # input (Qiu et al. 2025, "Gated Attention for LLMs")
     value_embeddings: bool = False  # add to each decoder layer's values an embedding of the
                                 # token itself, a table per layer (modded-nanogpt's)
+    unet: bool = False          # the decoder's second half adds learned multiples of the first
+                                # half's outputs, mirrored: U-Net skips (modded-nanogpt's)
 
 
 HPARAMS = HParams()
-ACTIVATIONS = {"relu": jax.nn.relu, "relu2": lambda x: jnp.square(jax.nn.relu(x))}
-
-
-def validate(hp: HParams) -> HParams:
-    """Raises ValueError naming the first invalid field; returns `hp` unchanged."""
-    is_count = lambda value: isinstance(value, int) and not isinstance(value, bool) and value > 0
-    for field in ("max_seq_len", "d_model", "h", "d_ff", "decoder_N", "encoder_N"):
-        if not is_count(getattr(hp, field)):
-            raise ValueError(f"HParams.{field}={getattr(hp, field)!r}: must be an integer >= 1.")
-    if hp.d_model % hp.h:
-        raise ValueError(f"HParams.d_model={hp.d_model} must be divisible by h={hp.h}.")
-    for field in ("dropout", "stochastic_depth"):
-        if not 0.0 <= getattr(hp, field) < 1.0:
-            raise ValueError(f"HParams.{field}={getattr(hp, field)!r}: must be in [0, 1).")
-    if hp.use_encoder and hp.encoder_N > hp.decoder_N:
-        raise ValueError(
-            f"HParams.encoder_N={hp.encoder_N}: each encoder layer feeds the decoder layer of "
-            f"the same index, so it must be <= decoder_N={hp.decoder_N}.")
-    if hp.activation not in ACTIVATIONS:
-        raise ValueError(f"HParams.activation={hp.activation!r}: {' or '.join(ACTIVATIONS)}.")
-    if hp.positions not in ("learned", "sinusoidal", "rotary"):
-        raise ValueError(f"HParams.positions={hp.positions!r}: learned, sinusoidal or rotary.")
-    if hp.positions == "rotary" and (hp.d_model // hp.h) % 2:
-        raise ValueError(f"HParams.positions='rotary' rotates pairs of features: the key size "
-                         f"d_model / h = {hp.d_model // hp.h} must be even.")
-    if not (hp.attention_window is None or is_count(hp.attention_window)):
-        raise ValueError(f"HParams.attention_window={hp.attention_window!r}: an integer >= 1, "
-                         "or None.")
-    return hp
 
 
 def visible(query_positions: jax.Array, key_positions: jax.Array, window: int | None):
@@ -177,7 +151,13 @@ def layer_norm(name: str) -> hk.LayerNorm:
 
 
 def feed_forward(x: jax.Array, hp: HParams, is_training: bool) -> jax.Array:
-    h = ACTIVATIONS[hp.activation](Linear(hp.d_ff, name="ff_in")(x))     # [B, T, F]
+    """D -> F -> D: relu(x W1) W2, its square for relu2, or with swiglu (silu(x W1) * x V) W2."""
+    if hp.activation == "swiglu":
+        gate, h = jnp.split(Linear(2 * hp.d_ff, name="ff_in")(x), 2, axis=-1)  # [B, T, F]
+        h = jax.nn.silu(gate) * h
+    else:
+        h = jax.nn.relu(Linear(hp.d_ff, name="ff_in")(x))                  # [B, T, F]
+        h = jnp.square(h) if hp.activation == "relu2" else h
     return kernels.dropout(Linear(hp.d_model, name="ff_out")(h), hp.dropout,
                            is_training)                                   # [B, T, D]
 
@@ -214,7 +194,7 @@ class Transformer(hk.Module):
 
     def __init__(self, hp: HParams, vocab_size: int, name: str = "transformer"):
         super().__init__(name=name)
-        self.hp = validate(hp)
+        self.hp = model_checks.validate(hp)
         self.vocab_size = vocab_size
 
     @hk.experimental.name_like("__call__")
@@ -246,12 +226,17 @@ class Transformer(hk.Module):
             h, new_cache[f"encoder_{i}"] = layer("encoder", i, hp.encoder_N)(
                 h, positions, is_training, cache=cache and cache[f"encoder_{i}"])
             memories.append(h)
+        skips = []  # with unet: the first half's outputs, for the second half, last first
         for i in range(hp.decoder_N):
+            if hp.unet and i >= hp.decoder_N - hp.decoder_N // 2:
+                x = x + hk.get_parameter(f"skip_{i}", [], init=jnp.ones) * skips.pop()
             values = hk.Embed(self.vocab_size, hp.d_model, w_init=position_encodings.EMBED_INIT,
                               name=f"value_embed_{i}")(tokens) if hp.value_embeddings else None
             x, new_cache[f"decoder_{i}"] = layer("decoder", i, hp.decoder_N)(
                 x, positions, is_training, memories[i] if i < len(memories) else None,
                 cache and cache[f"decoder_{i}"], values)                  # values [B, T, D]
+            if hp.unet and i < hp.decoder_N // 2:
+                skips.append(x)
         return layer_norm("ln_final")(x), new_cache
 
 
@@ -266,7 +251,7 @@ def forward_fn(hp: HParams, vocab_size: int, compute_dtype: str = "float32",
     params to compute_dtype ("bfloat16" for training where it runs natively) and returns
     that dtype, accumulating in float32 (kernels.matmul); the head returns float32 logits;
     params, LayerNorm, softmax and the residual stream stay float32."""
-    validate(hp)
+    model_checks.validate(hp)
     output = output or (lambda features, head: head(features))
 
     def forward(tokens, is_training, *args):

@@ -9,6 +9,7 @@ import pytest
 
 import checkpoint
 import generate
+import model_checks
 import position_encodings
 import transformer
 import reader
@@ -339,13 +340,14 @@ def test_streaming_sampler_reads_a_context_longer_than_the_window_whole():
     TINY._replace(max_seq_len=1),                                  # one position
     STREAMING._replace(use_encoder=True, attention_gate=True),     # gated heads, streaming
     STREAMING._replace(value_embeddings=True),                     # value embeddings
+    STREAMING._replace(decoder_N=3, unet=True, activation="swiglu"),  # U-Net, SwiGLU
 ], ids=["encoder_N=decoder_N", "one_layer_encoder", "streaming_encoder_N=decoder_N",
         "one_layer", "one_head", "window_1", "streaming_window_1", "max_seq_len_1",
-        "gated", "value_embeddings"])
+        "gated", "value_embeddings", "unet_swiglu"])
 def test_every_valid_model_samples_as_the_plain_reference(hp):
     """Past the window, so that every path runs: cached steps, slides, the last layer's
     last-position pass (which cross-attends when encoder_N == decoder_N)."""
-    transformer.validate(hp)
+    model_checks.validate(hp)
     params = init_params(hp)
     context = np.array([3, 1, 4], np.int32)
     key = jax.random.PRNGKey(11)

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 import checkpoint
+import model_checks
 import recipes
 import train
 import transformer
@@ -38,7 +39,8 @@ def edits(tmp_path) -> tuple[dict, dict]:
     hparams = dict(
         max_seq_len=12, d_model=24, h=2, d_ff=40, decoder_N=2, encoder_N=2, use_encoder=True,
         dropout=0.05, activation="relu2", positions="sinusoidal", attention_window=8,
-        stochastic_depth=0.1, attention_gate=True, value_embeddings=True)
+        stochastic_depth=0.1, attention_gate=True, value_embeddings=True,
+        unet=True)
     assert set(config) == set(train.Config._fields) - NOT_EDITED
     assert set(hparams) == set(transformer.HParams._fields)
     for written, edited in ((train.CONFIG, config), (transformer.HPARAMS, hparams)):
@@ -176,7 +178,7 @@ def test_every_recipe_sets_every_field_the_original_sets():
         config, hparams, _ = recipes.resolve([f"--preset={name}"], train.CONFIG,
                                              transformer.HPARAMS)
         recipes.check_config(config)
-        transformer.validate(hparams)
+        model_checks.validate(hparams)
 
 
 def test_unknown_preset_lists_the_valid_ones():

@@ -127,12 +127,14 @@ def expected_param_count(hp: transformer.HParams, vocab_size: int) -> int:
     attention = 4 * (D * D + D)                 # query, key, value, out: weights and biases
     attention += hp.attention_gate * (D * hp.h + hp.h)  # the gate: a weight and bias a head
     feed_forward = D * F + F + F * D + D        # ff_in, ff_out
+    feed_forward += (hp.activation == "swiglu") * (D * F + F)  # ff_in's gate half
     layer = 2 * layer_norm + attention + feed_forward
     embeddings = V * D + (S * D if hp.positions == "learned" else 0)
     embeddings += hp.value_embeddings * hp.decoder_N * V * D  # a table per decoder layer
+    skips = hp.unet * (hp.decoder_N // 2)       # a scalar per U-Net skip
     encoder_N = hp.encoder_N if hp.use_encoder else 0
     cross = encoder_N * (layer_norm + attention)
-    return (embeddings + (hp.decoder_N + encoder_N) * layer + cross
+    return (embeddings + (hp.decoder_N + encoder_N) * layer + cross + skips
             + layer_norm + D * V + V)           # final LN, unembedding
 
 
@@ -159,8 +161,10 @@ def test_param_count_of_default_hparams():
     tiny(True, positions="rotary", attention_window=4),
     tiny(True, attention_gate=True),
     tiny(True, value_embeddings=True),
+    tiny(False, activation="swiglu"),
+    tiny(True, unet=True, decoder_N=5),
 ], ids=["decoder", "encoder1", "encoder2", "sinusoidal", "encoder_sinusoidal", "rotary",
-        "gated", "value_embeddings"])
+        "gated", "value_embeddings", "swiglu", "unet"])
 def test_param_count_matches_initialized_model(hp):
     """param_count and the independent formula both equal the initialized model's count."""
     actual = count(param_shapes(hp))
@@ -390,12 +394,19 @@ def test_zeroed_branches_make_every_layer_the_identity(use_encoder):
     np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=1e-5)
 
 
+def silu_gated(h):
+    gate, h = np.split(h, 2, axis=-1)
+    return gate / (1 + np.exp(-gate)) * h
+
+
 @pytest.mark.parametrize("activation, activate", [
-    ("relu", lambda h: np.maximum(h, 0)), ("relu2", lambda h: np.maximum(h, 0) ** 2)])
+    ("relu", lambda h: np.maximum(h, 0)), ("relu2", lambda h: np.maximum(h, 0) ** 2),
+    ("swiglu", silu_gated)])
 def test_feed_forward_applies_its_activation(activation, activate):
     """With attention's output projection zeroed, a one-layer model computes
     unembed(LN_final(x + W2 act(LN_ff(x) W1 + b1) + b2)), x the embeddings, act the
-    HParams.activation: max(h, 0), or its square for relu2."""
+    HParams.activation: max(h, 0), its square for relu2, and for swiglu silu(a) * b of the
+    halves a, b of LN_ff(x) W1 + b1 (2F wide)."""
     hp = TINY._replace(decoder_N=1, activation=activation)
     params = zeroed(random_params(hp), "self_attention/out")
     tokens = random_tokens(4)
@@ -408,6 +419,33 @@ def test_feed_forward_applies_its_activation(activation, activate):
         return x + h @ ff_out["w"] + ff_out["b"]
 
     expected = by_hand(params, tokens, feed_forward)
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("decoder_N, pairs", [(3, {2: 0}), (4, {2: 1, 3: 0})])
+def test_unet_adds_the_first_halfs_outputs_to_the_second_halfs_inputs(decoder_N, pairs):
+    """With unet and attention's output projections zeroed, layer i computes x + FF_i(x) on
+    its input x, which for each layer i of the second half is the layer before's output plus
+    skip_i times the output of layer j = pairs[i], mirrored (3 layers: layer 2 gets layer
+    0's; 4 layers: layer 2 gets layer 1's, layer 3 layer 0's)."""
+    hp = TINY._replace(decoder_N=decoder_N, unet=True)
+    params = zeroed(random_params(hp), "self_attention/out")
+    tokens = random_tokens(5)
+    logits = jitted_apply(hp, False)(params, None, tokens)                  # [B, T, V]
+
+    def layers(p, x):
+        outputs = []
+        for i in range(decoder_N):
+            if i in pairs:
+                x = x + p["transformer"][f"skip_{i}"] * outputs[pairs[i]]
+            ln, ff_in, ff_out = (p[f"transformer/decoder_{i}/{name}"]
+                                 for name in ("ln_ff", "ff_in", "ff_out"))
+            h = np.maximum(layer_norm(x, ln["scale"], ln["offset"]) @ ff_in["w"] + ff_in["b"], 0)
+            x = x + h @ ff_out["w"] + ff_out["b"]
+            outputs.append(x)
+        return x
+
+    expected = by_hand(params, tokens, layers)
     np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)
 
 
