@@ -16,7 +16,8 @@ With --torch_python (a Python that has torch, in a venv of its own), the PyTorch
 feed-forward width, sequence length, batch and dropout, in bfloat16 autocast and in float32,
 right after this project's training section; `train_vs_torch` is this project's headline
 tokens/s over the yardstick's bfloat16 ones (`train_vs_torch_f32`: over its float32 ones).
-`--preset=NAME` times train.py's preset of that name (its HPARAMS, batch size and optimizer);
+`--preset=NAME` times train.py's preset of that name (its HPARAMS, batch size and optimizer),
+`--minutes=N` the recipe `train.py --minutes=N` takes (recipes.BUDGETS);
 `--optimizer` (train.py's: adamw or muon) times another: the yardstick trains with AdamW, so
 `--optimizer=adamw` compares like with like (Muon's orthogonalization adds matmuls of its own,
 outside the model FLOPs).
@@ -66,6 +67,7 @@ class Config(NamedTuple):
                                   # (the last: the corpus's length)
     prefill_chunk: int = 0        # characters per prefill call (0: reader.PREFILL_CHUNK)
     preset: str = ""              # train.py's preset: its HPARAMS, batch size and optimizer
+    minutes: float = 0.0          # or train.py's --minutes=N: its budget's recipe
     optimizer: str = ""           # train.py's --optimizer ("": the preset's, else CONFIG's)
     torch_python: str = ""        # a Python with torch: also run the PyTorch yardstick
     torch_script: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
@@ -140,13 +142,13 @@ def flops_per_token(hp, vocab_size: int) -> float:
 
 def train_config_of(config: Config):
     """train.py's config for the timed steps: its CONFIG as written (what `python train.py`
-    runs: an entry point's values, read here as train.py reads them) under --preset's
-    recipe, with the batch size and --optimizer of this run."""
+    runs: an entry point's values, read here as train.py reads them) under the recipe of
+    --preset or --minutes, with the batch size and --optimizer of this run."""
     import train
 
     base = train.CONFIG
-    if config.preset:
-        base = base._replace(**recipes.PRESETS[config.preset].config)
+    if recipe_of(config):
+        base = base._replace(**recipe_of(config).config)
     return base._replace(batch_size=config.batch_size,
                          optimizer=config.optimizer or base.optimizer)
 
@@ -351,21 +353,32 @@ def run_section(name: str, argv) -> dict:
 PEAK_NAMES = {"float32": "f32", "bfloat16": "bf16"}
 
 
+def recipe_of(config: Config) -> recipes.Recipe | None:
+    """The recipe that --preset or --minutes names (None: CONFIG and HPARAMS as written)."""
+    if config.minutes:
+        return recipes.BUDGETS[recipes.budget_minutes(config.minutes)].recipe
+    return recipes.PRESETS[config.preset] if config.preset else None
+
+
 def resolve(argv) -> tuple[Config, transformer.HParams]:
-    """This run's Config and the model's HPARAMS (from --params or --preset, options still
-    winning), checked: UserError names the first bad value."""
+    """This run's Config and the model's HPARAMS (from --params, --preset or --minutes,
+    options still winning), checked: UserError names the first bad value."""
     config, hp = parse_overrides(argv, CONFIG, transformer.HPARAMS)
-    if config.params and config.preset:
-        raise UserError("--params and --preset both set the model: give one of them.")
+    if config.params and (config.preset or config.minutes):
+        raise UserError("--params and a recipe (--preset, --minutes) both set the model: "
+                        "give one of them.")
     if config.params:  # the model's HPARAMS come from the file; options still win
         import checkpoint
 
         config, hp = parse_overrides(argv, CONFIG, checkpoint.load(config.params).hparams)
-    if config.preset:  # the preset's HPARAMS and batch size; options still win
-        if config.preset not in recipes.PRESETS:
-            raise UserError(f"--preset={config.preset}: unknown preset. Valid presets: "
-                            f"{', '.join(recipes.PRESETS)}.")
-        recipe = recipes.PRESETS[config.preset]
+    if config.preset and config.minutes:
+        raise UserError("--preset and --minutes both name a recipe: give one of them.")
+    if config.preset not in ("", *recipes.PRESETS):
+        raise UserError(f"--preset={config.preset}: unknown preset. Valid presets: "
+                        f"{', '.join(recipes.PRESETS)}.")
+    if config.minutes < 0:
+        raise UserError(f"--minutes={config.minutes:g}: a budget's minutes are above 0.")
+    if recipe := recipe_of(config):  # the recipe's HPARAMS and batch size; options win
         config, hp = parse_overrides(
             argv, CONFIG._replace(batch_size=recipe.config["batch_size"]),
             transformer.HPARAMS._replace(**recipe.hparams))

@@ -119,8 +119,9 @@ class Budget(NamedTuple):
 # EPYC Zen 4 (docs/results.md, "Budgets"): a 4 x 128 streaming model reading 64 characters
 # (a wider one trains too few characters in the time), Muon, no dropout, the learning rates
 # falling linearly to zero over the whole run; measured at 2, 5, 10 and 20 minutes, where it
-# gains little over 10 (it overfits). An hour takes the cpu preset's recipe. A clock paces a
-# timed run: the recipes leave max_iters and eval_interval as they are.
+# gains little over 10 (it overfits). Its feed-forward blocks are SwiGLU of width 344, about
+# ReLU's parameters at 512 (docs/results.md, "Round five"). An hour takes the cpu preset's
+# recipe. A clock paces a timed run: the recipes leave max_iters and eval_interval as they are.
 _untimed = lambda settings: {name: value for name, value in settings.items()
                              if name not in ("max_iters", "eval_interval")}
 _SHORT = _untimed(ORIGINAL.config) | dict(
@@ -137,7 +138,8 @@ _SHORT = _untimed(ORIGINAL.config) | dict(
 _SMALL = ORIGINAL.hparams | dict(
     d_model=128,
     h=4,
-    d_ff=512,
+    d_ff=344,
+    activation="swiglu",
     decoder_N=4,
     dropout=0.0,
     max_seq_len=64,

@@ -91,6 +91,8 @@ def test_bench_bad_options_exit_2(capsys):
            (["--max_seq_len=1"], "--max_seq_len >= 2"),
            (["--d_model=30", "--h=4"], "divisible"),
            (["--preset=tpu"], "--preset=tpu: unknown preset"),
+           (["--preset=cpu", "--minutes=2"], "--preset and --minutes both name a recipe"),
+           (["--minutes=-1"], "--minutes=-1"),
            (["--optimizer=sgd"], "--optimizer='sgd'"),
            (["--prefill_lengths=10,0"], "--prefill_lengths"),
            (["--prefill_lengths=ten"], "--prefill_lengths"),
@@ -118,6 +120,18 @@ def test_bench_preset_takes_the_presets_model_and_batch(tmp_path):
     assert call[:6] == [str(x) for x in (config.batch_size, hp.max_seq_len, hp.decoder_N,
                                          hp.d_model, hp.h, hp.d_ff)]
     assert call[8] == str(hp.dropout)
+
+
+@pytest.mark.parametrize("minutes", [2, 10, 90])
+def test_bench_minutes_times_what_train_minutes_trains(minutes):
+    """`--minutes=N` times the step of `train.py --minutes=N`: its budget's HPARAMS, batch
+    size and optimizer settings, as recipes.resolve gives them, options still winning."""
+    for argv in ([f"--minutes={minutes}"], [f"--minutes={minutes}", "--d_model=64"]):
+        config, hp = bench.resolve(argv)
+        trains, trains_hp, _ = recipes.resolve(argv, train.CONFIG, transformer.HPARAMS)
+        assert hp == trains_hp
+        timed = bench.train_config_of(config)
+        assert timed._replace(minutes=minutes, preset=trains.preset) == trains
 
 
 def test_bench_times_the_presets_optimizer_unless_told_another():
