@@ -146,9 +146,9 @@ def train_config_of(config: Config):
     --preset or --minutes, with the batch size and --optimizer of this run."""
     import train
 
-    base = train.CONFIG
-    if recipe_of(config):
-        base = base._replace(**recipe_of(config).config)
+    base, recipe = train.CONFIG, recipe_of(config)
+    if recipe:
+        base = base._replace(**recipe.config)
     return base._replace(batch_size=config.batch_size,
                          optimizer=config.optimizer or base.optimizer)
 
@@ -376,8 +376,7 @@ def resolve(argv) -> tuple[Config, transformer.HParams]:
     if config.preset not in ("", *recipes.PRESETS):
         raise UserError(f"--preset={config.preset}: unknown preset. Valid presets: "
                         f"{', '.join(recipes.PRESETS)}.")
-    if config.minutes < 0:
-        raise UserError(f"--minutes={config.minutes:g}: a budget's minutes are above 0.")
+    recipes.check_minutes(config.minutes)
     if recipe := recipe_of(config):  # the recipe's HPARAMS and batch size; options win
         config, hp = parse_overrides(
             argv, CONFIG._replace(batch_size=recipe.config["batch_size"]),

@@ -155,6 +155,13 @@ BUDGETS = {
 }
 
 
+def check_minutes(minutes: float) -> None:
+    """--minutes (train.py's and bench.py's): 0, or a positive, finite number of minutes."""
+    if minutes < 0 or not math.isfinite(minutes):
+        raise UserError(f"--minutes={minutes}: must be a positive number of minutes "
+                        "(0: no budget, train max_iters steps).")
+
+
 def budget_minutes(minutes: float) -> int:
     """The BUDGETS entry for `minutes`: the longest not above it, else the shortest."""
     return max([m for m in BUDGETS if m <= minutes], default=min(BUDGETS))
@@ -233,9 +240,7 @@ def check_config(config) -> None:
         raise UserError(f"--learning_rate={config.learning_rate}: must be > 0.")
     if not 0 <= config.min_lr_ratio <= 1:
         raise UserError(f"--min_lr_ratio={config.min_lr_ratio}: must be in [0, 1].")
-    if config.minutes < 0 or not math.isfinite(config.minutes):
-        raise UserError(f"--minutes={config.minutes}: must be a positive number of minutes "
-                        "(0: no budget, train max_iters steps).")
+    check_minutes(config.minutes)
     if config.minutes and jax.process_count() > 1:
         raise UserError("--minutes with several hosts: their clocks would set different "
                         "learning rates; give --max_iters instead.")

@@ -179,7 +179,7 @@ class Layer(hk.Module):
         new_cache = {}
         branch = lambda out: kernels.drop_branch(out, self.drop_rate, is_training)
         out, new_cache["self"] = Attention(self.hp, "self_attention")(
-            layer_norm("ln_self")(x), positions, is_training, cache.get("self"), None, values)
+            layer_norm("ln_self")(x), positions, is_training, cache.get("self"), values=values)
         x = x + branch(out)
         if memory is not None:
             out, new_cache["cross"] = Attention(self.hp, "cross_attention")(

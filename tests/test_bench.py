@@ -93,6 +93,7 @@ def test_bench_bad_options_exit_2(capsys):
            (["--preset=tpu"], "--preset=tpu: unknown preset"),
            (["--preset=cpu", "--minutes=2"], "--preset and --minutes both name a recipe"),
            (["--minutes=-1"], "--minutes=-1"),
+           (["--minutes=inf"], "--minutes=inf: must be a positive number"),
            (["--optimizer=sgd"], "--optimizer='sgd'"),
            (["--prefill_lengths=10,0"], "--prefill_lengths"),
            (["--prefill_lengths=ten"], "--prefill_lengths"),
